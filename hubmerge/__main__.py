@@ -1,0 +1,5 @@
+"""`python -m hubmerge` (also what `accelerate launch -m hubmerge` runs)."""
+
+from hubmerge.cli import app
+
+app()

@@ -1,0 +1,293 @@
+"""Compressed artifacts: τ_MTL + one bit-packed mask per task, written streaming and rebuilt per task.
+
+Layout of an artifact directory:
+
+    hubmerge.json                     manifest: format, method, parameters, base + tasks with revisions, stats
+    tau_mtl.safetensors               τ_MTL in float32 (sharded + tau_mtl.safetensors.index.json when large)
+    masks/<task>.safetensors          per tensor: uint8, 8 entries per byte, row-major, big-endian bit order
+                                      (numpy.packbits), last byte zero-padded; shapes in the file metadata
+    values/<task>.safetensors         magnitude pruning only: the task's kept τ values, row-major, float32
+    README.md, hubmerge_recipe.yaml
+
+Task t is rebuilt as θ0 + m_t ⊙ τ_MTL (magnitude pruning: θ0 + m_t ⊙ τ_t), computed in float32.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import safe_open
+
+from hubmerge.errors import HubmergeError
+from hubmerge.sources import Checkpoint, resolve_source
+from hubmerge.writer import (
+    SafetensorsStream,
+    ShardedStream,
+    Slot,
+    SpooledSafetensors,
+    atomic_directory,
+    copy_support_files,
+)
+
+FORMAT = "hubmerge-compressed"
+FORMAT_VERSION = 1
+MANIFEST = "hubmerge.json"
+VECTOR_STEM = "tau_mtl"
+MASK_DIR = "masks"
+VALUE_DIR = "values"
+PACKING = "per tensor, row-major, 8 entries per byte, big-endian bit order (numpy.packbits), zero-padded"
+OUTPUT_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+_BIT_WEIGHTS = torch.tensor([128, 64, 32, 16, 8, 4, 2, 1], dtype=torch.uint8)
+_BIT_SHIFTS = torch.tensor([7, 6, 5, 4, 3, 2, 1, 0], dtype=torch.uint8)
+
+
+def pack_bits(mask: torch.Tensor) -> torch.Tensor:
+    """Bool mask -> uint8, 8 entries per byte, first entry in the most significant bit (numpy.packbits)."""
+    flat = mask.reshape(-1).to(torch.uint8)
+    pad = -flat.numel() % 8
+    if pad:
+        flat = torch.cat([flat, flat.new_zeros(pad)])
+    weights = _BIT_WEIGHTS.to(flat.device)
+    return (flat.view(-1, 8) * weights).sum(dim=1, dtype=torch.uint8)
+
+
+def unpack_bits(packed: torch.Tensor, numel: int) -> torch.Tensor:
+    """Inverse of `pack_bits`: the first `numel` entries as a flat bool tensor."""
+    shifts = _BIT_SHIFTS.to(packed.device)
+    bits = (packed.reshape(-1, 1) >> shifts) & 1
+    return bits.reshape(-1)[:numel].bool()
+
+
+def packed_size(numel: int) -> int:
+    return math.ceil(numel / 8)
+
+
+def output_dtype(name: str, stored: torch.dtype) -> torch.dtype:
+    """The dtype a float tensor is written in: `auto` keeps the base's."""
+    return stored if name == "auto" else OUTPUT_DTYPES[name]
+
+
+class ArtifactWriter:
+    """Writes an artifact directory piece by piece, in the order the keys are declared."""
+
+    def __init__(
+        self,
+        directory: Path,
+        shapes: dict[str, tuple[int, ...]],
+        task_names: list[str],
+        *,
+        shared_vector: bool,
+        own_values: bool,
+        max_shard_size: int | str,
+    ):
+        self.directory = directory
+        (directory / MASK_DIR).mkdir()
+        shape_meta = {
+            "hubmerge.shapes": json.dumps({k: list(s) for k, s in shapes.items()}),
+            "hubmerge.packing": PACKING,
+        }
+        self._vector = (
+            ShardedStream(
+                directory,
+                [Slot(k, torch.float32, s) for k, s in shapes.items()],
+                max_shard_size,
+                stem=VECTOR_STEM,
+            )
+            if shared_vector
+            else None
+        )
+        self._masks = [
+            SafetensorsStream(
+                directory / MASK_DIR / f"{name}.safetensors",
+                [Slot(k, torch.uint8, (packed_size(math.prod(s)),)) for k, s in shapes.items()],
+                shape_meta,
+            )
+            for name in task_names
+        ]
+        self._values = []
+        if own_values:
+            (directory / VALUE_DIR).mkdir()
+            self._values = [
+                SpooledSafetensors(directory / VALUE_DIR / f"{name}.safetensors", torch.float32)
+                for name in task_names
+            ]
+
+    def write(
+        self,
+        key: str,
+        tau_mtl: torch.Tensor | None,
+        masks: list[torch.Tensor],
+        taus: list[torch.Tensor],
+    ) -> None:
+        """One piece of one tensor; pieces other than a tensor's last must hold a multiple of 8 entries."""
+        if self._vector is not None:
+            self._vector.write(key, tau_mtl.to("cpu"))
+        for stream, mask in zip(self._masks, masks, strict=True):
+            stream.write(key, pack_bits(mask).to("cpu"))
+        for spool, mask, tau in zip(self._values, masks, taus, strict=False):
+            spool.write(key, tau.reshape(-1)[mask.reshape(-1)].to("cpu"))
+
+    def close(self, manifest: dict[str, Any]) -> None:
+        if self._vector is not None:
+            self._vector.close()
+        for stream in self._masks:
+            stream.close()
+        for spool in self._values:
+            spool.close()
+        (self.directory / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
+
+
+def storage_summary(
+    d: int, num_tasks: int, base_bits: float, *, shared_vector: bool, kept_values: int = 0
+) -> dict[str, Any]:
+    """Storage in bits: this artifact, the paper's accounting (its App. C), and T fine-tuned copies."""
+    artifact = d * num_tasks + (32 * d if shared_vector else 32 * kept_values)
+    return {
+        "parameters": d,
+        "tasks": num_tasks,
+        "artifact_bits": artifact,
+        "paper_bits": (64 + num_tasks) * d if shared_vector else None,
+        "finetuned_fp32_bits": 32 * num_tasks * d,
+        "finetuned_stored_bits": round(base_bits * num_tasks * d),
+        "base_bits_per_entry": base_bits,
+    }
+
+
+class CompressedMerge:
+    """A compressed merge (TALL masks, magnitude masking or pruning): rebuild any task's model from it.
+
+    Example:
+        >>> merge = CompressedMerge.from_pretrained("out/tall")
+        >>> state_dict = merge.materialize("sst2")
+    """
+
+    def __init__(self, directory: Path, manifest: dict[str, Any]):
+        self.directory = directory
+        self.manifest = manifest
+        self._base: Checkpoint | None = None
+
+    @classmethod
+    def from_pretrained(cls, path: str | Path) -> CompressedMerge:
+        """Open an artifact directory written by `hubmerge run` (the base is opened on first use)."""
+        directory = Path(path)
+        manifest_path = directory / MANIFEST
+        if not manifest_path.is_file():
+            raise HubmergeError(f"{directory}: not a hubmerge artifact (no {MANIFEST})")
+        manifest = json.loads(manifest_path.read_text())
+        if manifest.get("format") != FORMAT or manifest.get("format_version") != FORMAT_VERSION:
+            raise HubmergeError(
+                f"{manifest_path}: unsupported format {manifest.get('format')!r} "
+                f"version {manifest.get('format_version')!r}"
+            )
+        return cls(directory, manifest)
+
+    @property
+    def tasks(self) -> list[str]:
+        return [t["name"] for t in self.manifest["tasks"]]
+
+    @property
+    def method(self) -> str:
+        return self.manifest["method"]
+
+    @property
+    def base(self) -> Checkpoint:
+        if self._base is None:
+            info = self.manifest["base"]
+            spec = f"{info['location']}@{info['revision']}" if info.get("revision") else info["location"]
+            self._base = resolve_source(spec)
+        return self._base
+
+    def _task_file(self, folder: str, task: str) -> Path:
+        if task not in self.tasks:
+            raise HubmergeError(f"unknown task {task!r}; this artifact has: {', '.join(self.tasks)}")
+        return self.directory / folder / f"{task}.safetensors"
+
+    def mask(self, task: str) -> dict[str, torch.Tensor]:
+        """The task's mask m_t as bool tensors, one per merged tensor."""
+        with safe_open(self._task_file(MASK_DIR, task), framework="pt") as f:
+            shapes = json.loads(f.metadata()["hubmerge.shapes"])
+            return {
+                key: unpack_bits(f.get_tensor(key), math.prod(shape)).reshape(shape)
+                for key, shape in shapes.items()
+            }
+
+    def _vector_file_of(self) -> dict[str, Path]:
+        index = self.directory / f"{VECTOR_STEM}.safetensors.index.json"
+        if index.is_file():
+            return {k: self.directory / f for k, f in json.loads(index.read_text())["weight_map"].items()}
+        single = self.directory / f"{VECTOR_STEM}.safetensors"
+        with safe_open(single, framework="pt") as f:
+            return dict.fromkeys(f.keys(), single)
+
+    def iter_materialized(self, task: str, dtype: str | None = None) -> Iterator[tuple[str, torch.Tensor]]:
+        """(key, tensor) of θ0 + m_t ⊙ τ_MTL in sorted key order, one tensor at a time."""
+        masks = self.mask(task)
+        dtype = dtype or self.manifest["dtype"]
+        base = self.base
+        missing = sorted(set(masks) - set(base.infos))
+        if missing:
+            raise HubmergeError(f"base {base.name} lacks tensor {missing[0]!r} of this artifact")
+        own_values = self.manifest["vector"] is None
+        if own_values:
+            values = safe_open(self._task_file(VALUE_DIR, task), framework="pt")
+        else:
+            vector_files = self._vector_file_of()
+            handles = {f: safe_open(f, framework="pt") for f in set(vector_files.values())}
+        for key in sorted(base.infos):
+            stored = base.read(key)
+            if key not in masks:
+                yield key, stored
+                continue
+            merged = stored.float()
+            if own_values:
+                flat = merged.reshape(-1).clone()
+                flat[masks[key].reshape(-1)] += values.get_tensor(key)
+                merged = flat.reshape(merged.shape)
+            else:
+                merged = merged + handles[vector_files[key]].get_tensor(key) * masks[key]
+            yield key, merged.to(output_dtype(dtype, stored.dtype))
+
+    def materialize(self, task: str, dtype: str | None = None) -> dict[str, torch.Tensor]:
+        """The full state dict of task `task`: θ0 + m_t ⊙ τ_MTL (float tensors), the base's other tensors."""
+        return dict(self.iter_materialized(task, dtype))
+
+    def save_task(
+        self,
+        task: str,
+        output: str | Path,
+        *,
+        overwrite: bool = False,
+        dtype: str | None = None,
+        max_shard_size: int | str = "5GB",
+    ) -> Path:
+        """Write task `task`'s model as a directory (weights + the base's config and tokenizer files).
+
+        Streams one tensor at a time; the directory appears only when complete.
+        """
+        dtype = dtype or self.manifest["dtype"]
+        if dtype != "auto" and dtype not in OUTPUT_DTYPES:
+            raise HubmergeError(f"--dtype {dtype}: choose auto, {', '.join(OUTPUT_DTYPES)}")
+        self._task_file(MASK_DIR, task)
+        target = Path(output)
+        with atomic_directory(target, overwrite) as staging:
+            infos = self.base.infos
+            slots = [
+                Slot(k, output_dtype(dtype, i.dtype) if i.is_float else i.dtype, i.shape)
+                for k, i in sorted(infos.items())
+            ]
+            stream = ShardedStream(staging, slots, max_shard_size)
+            for key, tensor in self.iter_materialized(task, dtype):
+                stream.write(key, tensor)
+            stream.close()
+            copy_support_files(self.base.directory, staging)
+        return target
+
+    def agreement_histogram(self) -> list[int]:
+        """hist[c] = entries contained in exactly c task masks, c = 0..T (over all counted entries)."""
+        return list(self.manifest["stats"]["agreement_histogram"])

@@ -1,0 +1,184 @@
+"""Model cards (README.md) for merged models and compressed artifacts, built from the run record."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from huggingface_hub import ModelCard, ModelCardData
+
+PAPER = (
+    "Ke Wang, Nikolaos Dimitriadis, Guillermo Ortiz-Jiménez, François Fleuret, Pascal Frossard. "
+    "*Localizing Task Information for Improved Model Merging and Compression.* ICML 2024."
+)
+BIBTEX = """@inproceedings{wang2024localizing,
+  title={Localizing Task Information for Improved Model Merging and Compression},
+  author={Wang, Ke and Dimitriadis, Nikolaos and Ortiz-Jim{\\'e}nez, Guillermo and Fleuret, Fran{\\c{c}}ois
+          and Frossard, Pascal},
+  booktitle={International Conference on Machine Learning},
+  year={2024}
+}"""
+PAPER_METHODS = {"tall_masks", "consensus", "magnitude_masking", "magnitude_pruning"}
+
+TEMPLATE = """---
+{{ card_data }}
+---
+
+# {{ title }}
+
+{{ summary }}
+
+## Sources
+
+| role | name | source | revision |
+|---|---|---|---|
+{% for s in sources -%}
+| {{ s.role }} | {{ s.name }} | `{{ s.location }}` | {{ s.revision }} |
+{% endfor %}
+## Method
+
+`{{ method }}`: {{ method_summary }}
+
+| parameter | value |
+|---|---|
+{% for k, v in parameters -%}
+| `{{ k }}` | `{{ v }}` |
+{% endfor %}
+Parameters counted in d (every floating-point tensor of the base, sorted key order): {{ "{:,}".format(d) }}.
+{% if usage %}
+## How to use
+
+```python
+{{ usage }}
+```
+{% endif %}{% if storage_rows %}
+## Storage
+
+| what | bits | vs T fine-tuned fp32 copies |
+|---|---|---|
+{% for row in storage_rows -%}
+| {{ row[0] }} | {{ "{:,}".format(row[1]) }} | {{ row[2] }} |
+{% endfor %}{% endif %}{% if histogram %}
+## Mask agreement
+
+Entries contained in exactly c of the {{ num_tasks }} task masks (c = 0: "catastrophic", no task;
+c = 1: "selfish", one task). "Active" counts only entries where some task vector is nonzero.
+
+| c | entries | share | active entries |
+|---|---|---|---|
+{% for row in histogram -%}
+| {{ row[0] }} | {{ "{:,}".format(row[1]) }} | {{ row[2] }} | {{ "{:,}".format(row[3]) }} |
+{% endfor %}{% endif %}{% if consensus_note %}
+{{ consensus_note }}
+{% endif %}
+## Recipe
+
+```yaml
+{{ recipe }}```
+{% if cite %}
+## Citation
+
+{{ paper }}
+
+```bibtex
+{{ bibtex }}
+```
+{% endif %}
+Made with hubmerge {{ version }}.
+"""
+
+
+def _share(part: int, whole: int) -> str:
+    return f"{100 * part / whole:.2f} %" if whole else "n/a"
+
+
+def histogram_rows(record: dict[str, Any]) -> list[tuple[int, int, str, int]]:
+    stats = record.get("stats", {})
+    hist = stats.get("agreement_histogram")
+    if not hist:
+        return []
+    total = sum(hist)
+    active = stats["agreement_histogram_active"]
+    return [(c, n, _share(n, total), active[c]) for c, n in enumerate(hist)]
+
+
+def storage_rows(storage: dict[str, Any]) -> list[tuple[str, int, str]]:
+    reference = storage["finetuned_fp32_bits"]
+    rows = [
+        ("this artifact (τ_MTL fp32 + 1 bit per entry per task; base referenced)", storage["artifact_bits"])
+    ]
+    if storage.get("paper_bits"):
+        rows.append(("paper's accounting: θ0 + τ_MTL fp32 + T mask bits, (64+T)·P′", storage["paper_bits"]))
+    rows.append(("T fine-tuned copies, fp32 (32·T·P′)", reference))
+    return [(name, bits, f"{bits / reference:.3f}×") for name, bits in rows]
+
+
+def build_card(record: dict[str, Any], recipe_yaml: str, method_summary: str) -> ModelCard:
+    """The README.md of an output, from its run record and the resolved recipe."""
+    hub_ids = [s["location"] for s in [record["base"], *record["tasks"]] if s.get("revision")]
+    compressed = record["result"] == "compressed"
+    data = ModelCardData(
+        base_model=hub_ids or None,
+        library_name="hubmerge" if compressed else ("transformers" if record.get("has_config") else None),
+        tags=["merge", "hubmerge", record["method"]],
+    )
+    if hub_ids:
+        data.base_model_relation = "merge"
+    sources = [{"role": "base", "name": "base", **record["base"]}] + [
+        {"role": "task", **t} for t in record["tasks"]
+    ]
+    for s in sources:
+        s["revision"] = f"`{s['revision']}`" if s.get("revision") else "local"
+    t = len(record["tasks"])
+    if compressed:
+        summary = (
+            f"A compressed merge of {t} fine-tuned models of one base with `{record['method']}`: one merged task "
+            "vector τ_MTL plus one binary mask per task, from which each task's model is rebuilt as "
+            "θ0 + m_t ⊙ τ_MTL."
+        )
+        first = record["tasks"][0]["name"]
+        usage = (
+            "from hubmerge import CompressedMerge\n\n"
+            'merge = CompressedMerge.from_pretrained("<this repo or directory>")\n'
+            f'state_dict = merge.materialize("{first}")  # tasks: {", ".join(x["name"] for x in record["tasks"])}\n'
+            f"# or: hubmerge materialize <artifact> --task {first} --output {first}-model"
+        )
+    else:
+        summary = f"{t} fine-tuned models of one base merged with `{record['method']}` into one model."
+        usage = (
+            'from transformers import AutoModel\n\nmodel = AutoModel.from_pretrained("<this repo or directory>")'
+            if record.get("has_config")
+            else ""
+        )
+    consensus_note = ""
+    stats = record.get("stats", {})
+    if record["method"] == "consensus" and stats.get("agreement_histogram"):
+        hist, k = stats["agreement_histogram"], record["parameters"]["k"]
+        removed = sum(hist[:k])
+        consensus_note = (
+            f"Consensus with k = {k} keeps entries selected by at least {k} task masks: it removes "
+            f"{removed:,} of {sum(hist):,} entries ({_share(removed, sum(hist))}): "
+            f"{hist[0]:,} catastrophic" + (f" and {hist[1]:,} selfish" if k >= 2 else "") + "."
+        )
+    return ModelCard.from_template(
+        data,
+        template_str=TEMPLATE,
+        title=f"{record['method']} merge of {t} models",
+        summary=summary,
+        sources=sources,
+        method=record["method"],
+        method_summary=method_summary,
+        parameters=[
+            (k, yaml.safe_dump(v, default_flow_style=True).strip()) for k, v in record["parameters"].items()
+        ],
+        d=record["parameters_counted"],
+        usage=usage,
+        storage_rows=storage_rows(record["storage"]) if compressed else [],
+        histogram=histogram_rows(record),
+        num_tasks=t,
+        consensus_note=consensus_note,
+        recipe=recipe_yaml,
+        cite=record["method"] in PAPER_METHODS,
+        paper=PAPER,
+        bibtex=BIBTEX,
+        version=record["hubmerge_version"],
+    )

@@ -1,0 +1,232 @@
+"""The `hubmerge` command line: run recipes, rebuild task models from artifacts, inspect outputs."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from hubmerge.artifacts import MANIFEST, CompressedMerge
+from hubmerge.card import histogram_rows, storage_rows
+from hubmerge.errors import HubmergeError
+
+app = typer.Typer(
+    help=(
+        "Merge and compress fine-tuned checkpoints of one base model: TALL masks, Consensus Merging, TIES, "
+        "Task Arithmetic (Wang, Dimitriadis et al., ICML 2024). Start with `hubmerge run RECIPE.yaml`."
+    ),
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+console = Console()
+errors = Console(stderr=True)
+
+
+def _human(n: float) -> str:
+    for unit in ("B", "KB", "MB", "GB", "TB"):
+        if abs(n) < 1000 or unit == "TB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
+        n /= 1000
+    raise AssertionError
+
+
+def _fail(err: HubmergeError) -> typer.Exit:
+    errors.print(f"[bold red]error:[/] {err}", highlight=False, soft_wrap=True)
+    return typer.Exit(code=2)
+
+
+def _print_plan(plan: dict[str, Any]) -> None:
+    table = Table(title=f"Plan for {plan['recipe']} (dry run: nothing is written)")
+    for column in ("role", "name", "source", "revision"):
+        table.add_column(column)
+    for s in plan["sources"]:
+        table.add_row(s["role"], s["name"], s["location"], s["revision"] or "local")
+    console.print(table)
+    console.print(f"method        {plan['method']} -> {plan['result']}")
+    console.print(f"parameters    {json.dumps(plan['parameters'])}")
+    tensors = plan["tensors"]
+    console.print(f"tensors       {tensors['merged']} merged, {tensors['copied']} copied from the base")
+    console.print(f"d (counted)   {plan['parameters_counted']:,} entries")
+    console.print(f"passes        {len(plan['passes'])}: {', '.join(plan['passes'])}")
+    console.print(f"bytes to read {_human(plan['bytes_to_read'])}")
+    console.print(f"output size   {_human(plan['output_bytes'])}")
+    console.print(f"peak memory   ~{_human(plan['peak_memory_estimate'])} for tensors (estimate)")
+
+
+def _histogram_table(record: dict[str, Any]) -> Table | None:
+    rows = histogram_rows(record)
+    if not rows:
+        return None
+    t = len(record["tasks"])
+    table = Table(title="Mask agreement: entries contained in exactly c task masks")
+    for column in ("c", "entries", "share", "active entries"):
+        table.add_column(column, justify="right")
+    for c, n, share, active in rows:
+        label = (
+            f"{c} (catastrophic)"
+            if c == 0
+            else f"{c} (selfish)"
+            if c == 1
+            else f"{c} (all)"
+            if c == t
+            else str(c)
+        )
+        table.add_row(label, f"{n:,}", share, f"{active:,}")
+    return table
+
+
+def _storage_table(record: dict[str, Any]) -> Table:
+    storage = record["storage"]
+    table = Table(
+        title=f"Storage: P′ = {storage['parameters']:,} entries, T = {storage['tasks']} "
+        f"(base stored at {storage['base_bits_per_entry']:g} bits/entry)"
+    )
+    for column, justify in (("what", "left"), ("bits", "right"), ("vs T fp32 copies", "right")):
+        table.add_column(column, justify=justify)
+    for name, bits, ratio in storage_rows(storage):
+        table.add_row(name, f"{bits:,}", ratio)
+    return table
+
+
+def _print_record(record: dict[str, Any], directory: Path) -> None:
+    table = Table(title=f"{record['method']} ({record['result']}) in {directory}")
+    for column in ("task", "source", "revision", "setting", "mask entries"):
+        table.add_column(column)
+    d = record["parameters_counted"]
+    for task in record["tasks"]:
+        setting = (
+            f"λ = {task['lambda']:g}"
+            if "lambda" in task
+            else f"density {task['density']:g}"
+            if "density" in task
+            else ""
+        )
+        kept = task.get("mask_kept")
+        table.add_row(
+            task["name"],
+            task["location"],
+            task["revision"] or "local",
+            setting,
+            f"{kept:,} ({100 * kept / d:.2f} %)" if kept is not None else "",
+        )
+    console.print(table)
+    if record["result"] == "compressed":
+        console.print(_storage_table(record))
+    histogram = _histogram_table(record)
+    if histogram is not None:
+        console.print(histogram)
+        hist = record["stats"]["agreement_histogram"]
+        console.print(
+            f"catastrophic (in no mask): {100 * hist[0] / d:.2f} %   selfish (in exactly one): {100 * hist[1] / d:.2f} %"
+        )
+    if "consensus_kept" in record["stats"]:
+        kept = record["stats"]["consensus_kept"]
+        console.print(f"consensus keeps {kept:,} of {d:,} entries ({100 * kept / d:.2f} %)")
+
+
+@app.command()
+def run(
+    recipe: Annotated[
+        Path, typer.Argument(help="The YAML recipe (see README: base, models, method, parameters).")
+    ],
+    output: Annotated[
+        Path | None,
+        typer.Option("--output", "-o", help="Output directory (overrides `output:` in the recipe)."),
+    ] = None,
+    overwrite: Annotated[bool, typer.Option(help="Replace a non-empty output directory.")] = False,
+    dry_run: Annotated[
+        bool,
+        typer.Option(
+            "--dry-run", help="Validate and print the plan (sources, passes, sizes); write nothing."
+        ),
+    ] = False,
+    device: Annotated[str, typer.Option(help="cpu, cuda, or auto (the GPU when there is one).")] = "auto",
+    max_shard_size: Annotated[
+        str, typer.Option(help="Largest weights file before sharding, e.g. 5GB or 500MB.")
+    ] = "5GB",
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars or summary tables.")] = False,
+) -> None:
+    """Run a merge recipe: a merged model directory, or a compressed artifact (TALL / magnitude masks).
+
+    The output appears only when complete (written to a hidden sibling directory, then renamed).
+    """
+    from hubmerge.engine import plan_summary, prepare
+    from hubmerge.recipe import load_recipe
+    from hubmerge.run import resolve_output, run_recipe
+    from hubmerge.writer import check_output_path
+
+    try:
+        parsed = load_recipe(recipe)
+        if dry_run:
+            check_output_path(resolve_output(parsed, output), overwrite)
+            job = prepare(parsed, str(recipe))
+            _print_plan(plan_summary(job))
+            job.close()
+            return
+        result = run_recipe(
+            parsed,
+            str(recipe),
+            output=output,
+            overwrite=overwrite,
+            device=device,
+            max_shard_size=max_shard_size,
+            show_progress=not quiet,
+        )
+    except HubmergeError as err:
+        raise _fail(err) from None
+    if not quiet:
+        _print_record(result.record, result.output)
+    console.print(
+        f"wrote {result.output} ({result.record['result']}, {result.record['seconds']:.1f} s, "
+        f"read {_human(result.record['bytes_read'])})"
+    )
+
+
+@app.command()
+def materialize(
+    artifact: Annotated[Path, typer.Argument(help="A compressed artifact directory (has hubmerge.json).")],
+    task: Annotated[str, typer.Option("--task", "-t", help="Which task's model to rebuild.")],
+    output: Annotated[Path, typer.Option("--output", "-o", help="Directory for the rebuilt model.")],
+    overwrite: Annotated[bool, typer.Option(help="Replace a non-empty output directory.")] = False,
+    dtype: Annotated[
+        str | None, typer.Option(help="auto, float32, bfloat16 or float16 (default: the artifact's).")
+    ] = None,
+    max_shard_size: Annotated[str, typer.Option(help="Largest weights file before sharding.")] = "5GB",
+) -> None:
+    """Rebuild one task's model, θ0 + m_t ⊙ τ_MTL, as a directory that transformers loads."""
+    try:
+        merge = CompressedMerge.from_pretrained(artifact)
+        written = merge.save_task(
+            task, output, overwrite=overwrite, dtype=dtype, max_shard_size=max_shard_size
+        )
+    except HubmergeError as err:
+        raise _fail(err) from None
+    console.print(f"wrote {written} (task {task} of {artifact})")
+
+
+@app.command()
+def inspect(
+    path: Annotated[
+        Path, typer.Argument(help="An output directory of `hubmerge run` (artifact or merged model).")
+    ],
+    as_json: Annotated[bool, typer.Option("--json", help="Print the run record as JSON.")] = False,
+) -> None:
+    """Tasks, storage (bits as in the paper vs T fine-tuned copies) and the mask agreement histogram."""
+    manifest = path / MANIFEST
+    try:
+        if not manifest.is_file():
+            raise HubmergeError(f"{path}: not a hubmerge output (no {MANIFEST})")
+        record = json.loads(manifest.read_text())
+        if record.get("result") == "compressed":
+            CompressedMerge.from_pretrained(path)  # validates the format version
+    except HubmergeError as err:
+        raise _fail(err) from None
+    if as_json:
+        console.print_json(data=record)
+    else:
+        _print_record(record, path)

@@ -1,0 +1,390 @@
+"""The streaming engine: passes over the T+1 checkpoints, one piece of one tensor at a time.
+
+Memory holds the T+1 input pieces of one tensor, a few float32 work pieces and small global summaries (two
+radix histograms per task, a sign count, the agreement histogram), never a flattened model. Large tensors are
+cut into row blocks so the bound does not even depend on the largest tensor. Every entry of every floating-point
+tensor of the base counts in d (sorted key order, as the reference flattens); non-float tensors are copied.
+
+Passes per method: Task Arithmetic, weight averaging, TALL/Consensus with TA: one. Magnitude masking and
+pruning: two threshold histograms, then output. TIES and its TALL/Consensus variants: two threshold
+histograms, the majority sign, then output.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from functools import cached_property
+from pathlib import Path
+from typing import Any
+
+import torch
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+from hubmerge.artifacts import ArtifactWriter, output_dtype, storage_summary
+from hubmerge.errors import HubmergeError
+from hubmerge.methods import METHODS, MergeSpec
+from hubmerge.methods.tall import agreement_histogram, consensus_mask, mask_count, tall_mask
+from hubmerge.methods.task_arithmetic import apply_vector, sum_in_task_order, task_vectors
+from hubmerge.methods.ties import disjoint_merge, elect_sign, resolve_zero_signs, sign_count, trim
+from hubmerge.methods.topk import (
+    high_histogram,
+    kth_rank,
+    locate,
+    low_histogram,
+    magnitude_bits,
+    tensor_threshold,
+    threshold_value,
+    topk_mask,
+)
+from hubmerge.recipe import Recipe
+from hubmerge.sources import Checkpoint, TensorInfo, check_compatible, resolve_source
+from hubmerge.writer import ShardedStream, Slot
+
+DEFAULT_BLOCK_ENTRIES = 1 << 22
+Rows = tuple[int, int] | None
+
+
+@dataclass
+class MergeJob:
+    """A validated recipe with its sources opened (headers only): everything known before tensors are read."""
+
+    recipe: Recipe
+    origin: str
+    spec: MergeSpec
+    parameters: dict[str, Any]
+    base: Checkpoint
+    models: list[Checkpoint]
+
+    @property
+    def task_names(self) -> list[str]:
+        return self.recipe.task_names
+
+    @cached_property
+    def merge_keys(self) -> list[str]:
+        """Floating-point tensors, sorted: the entries that count in d."""
+        return sorted(k for k, info in self.base.infos.items() if info.is_float)
+
+    @cached_property
+    def copy_keys(self) -> list[str]:
+        return sorted(k for k, info in self.base.infos.items() if not info.is_float)
+
+    @cached_property
+    def d(self) -> int:
+        return sum(self.base.infos[k].numel for k in self.merge_keys)
+
+    def out_dtype(self, key: str) -> torch.dtype:
+        info = self.base.infos[key]
+        return output_dtype(self.recipe.dtype, info.dtype) if info.is_float else info.dtype
+
+    def close(self) -> None:
+        for ckpt in (self.base, *self.models):
+            ckpt.close()
+
+
+def prepare(recipe: Recipe, origin: str = "<recipe>", *, token: str | None = None) -> MergeJob:
+    """Resolve every source and check that the models match the base; reads no tensor data."""
+    method = METHODS[recipe.method]
+    spec = method.spec(recipe.parameters, recipe.task_names)
+    base = resolve_source(recipe.base, token=token)
+    models = [resolve_source(source, token=token) for source in recipe.sources]
+    check_compatible(base, models, recipe.task_names)
+    return MergeJob(
+        recipe=recipe,
+        origin=origin,
+        spec=spec,
+        parameters=method.resolved_parameters(recipe.parameters, recipe.task_names),
+        base=base,
+        models=models,
+    )
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise HubmergeError("--device cuda: no CUDA device is available (use --device cpu or auto)")
+    if name not in ("cpu", "cuda"):
+        raise HubmergeError(f"--device {name}: choose cpu, cuda or auto")
+    return torch.device(name)
+
+
+def row_blocks(info: TensorInfo, block_entries: int) -> list[Rows]:
+    """Row ranges of at most ~block_entries entries; each but the last holds a multiple of 8 entries, so
+    bit-packed masks of consecutive blocks concatenate into the mask of the whole tensor."""
+    if not info.shape or info.numel <= block_entries or info.shape[0] <= 1:
+        return [None]
+    row = info.numel // info.shape[0]
+    align = 8 // math.gcd(row, 8)
+    rows = max(align, block_entries // max(row, 1) // align * align)
+    return [(start, min(start + rows, info.shape[0])) for start in range(0, info.shape[0], rows)]
+
+
+def pass_names(spec: MergeSpec) -> list[str]:
+    names = []
+    if spec.global_topk_density is not None:
+        names += ["top-k thresholds (high bits)", "top-k thresholds (low bits)"]
+    if spec.tensor_topk_density is not None:
+        names.append("per-tensor thresholds")
+    if spec.needs_majority_sign:
+        names.append("TIES majority sign")
+    names.append("merge and write")
+    return names
+
+
+def plan_summary(job: MergeJob, block_entries: int = DEFAULT_BLOCK_ENTRIES) -> dict[str, Any]:
+    """What a run will do and cost, for `--dry-run`."""
+    passes = pass_names(job.spec)
+    float_bytes = sum(ckpt.infos[k].nbytes for ckpt in (job.base, *job.models) for k in job.merge_keys)
+    copy_bytes = sum(job.base.infos[k].nbytes for k in job.copy_keys)
+    t = len(job.models)
+    if job.spec.result == "merged":
+        output_bytes = sum(job.base.infos[k].numel * job.out_dtype(k).itemsize for k in job.merge_keys)
+        output_bytes += copy_bytes
+    else:
+        vector = 4 * job.d if job.spec.vector != "none" else 4 * job.d * (job.spec.mask_density or 0) * t
+        output_bytes = int(vector) + t * sum(math.ceil(job.base.infos[k].numel / 8) for k in job.merge_keys)
+    piece = max((min(job.base.infos[k].numel, block_entries) for k in job.merge_keys), default=0)
+    largest_row = max(
+        (job.base.infos[k].numel // max(job.base.infos[k].shape[:1] or [1]) for k in job.merge_keys),
+        default=0,
+    )
+    piece = max(piece, largest_row)
+    return {
+        "recipe": job.origin,
+        "method": job.recipe.method,
+        "result": job.spec.result,
+        "parameters": job.parameters,
+        "sources": [
+            {"role": "base", "name": "base", **job.base.provenance.as_dict()},
+            *(
+                {"role": "task", "name": name, **m.provenance.as_dict()}
+                for name, m in zip(job.task_names, job.models, strict=True)
+            ),
+        ],
+        "tensors": {"merged": len(job.merge_keys), "copied": len(job.copy_keys)},
+        "parameters_counted": job.d,
+        "passes": passes,
+        "bytes_to_read": float_bytes * len(passes) + copy_bytes,
+        "output_bytes": output_bytes,
+        # T+1 stored pieces, their float32 copies, T task vectors and a few work buffers of one piece
+        "peak_memory_estimate": piece * 4 * (3 * t + 6),
+    }
+
+
+@dataclass
+class RunStats:
+    num_tasks: int
+    thresholds: list[float | None] | None = None
+    sign_total: int | None = None
+    kept: list[int] = field(default_factory=list)
+    histogram: torch.Tensor | None = None
+    histogram_active: torch.Tensor | None = None
+    consensus_kept: int = 0
+
+    def as_dict(self) -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        if self.thresholds is not None:
+            out["topk_thresholds"] = self.thresholds
+        if self.sign_total is not None:
+            out["ties_sign_total"] = self.sign_total
+        if self.kept:
+            out["mask_kept"] = self.kept
+        if self.histogram is not None:
+            out["agreement_histogram"] = [int(x) for x in self.histogram]
+            out["agreement_histogram_active"] = [int(x) for x in self.histogram_active]
+        return out
+
+
+class Engine:
+    """Runs the passes of one job on one device."""
+
+    def __init__(
+        self,
+        job: MergeJob,
+        device: torch.device,
+        block_entries: int = DEFAULT_BLOCK_ENTRIES,
+        show_progress: bool = False,
+    ):
+        self.job = job
+        self.spec = job.spec
+        self.device = device
+        self.block_entries = block_entries
+        self.show_progress = show_progress
+        self.stats = RunStats(num_tasks=len(job.models))
+        self._tensor_thresholds: dict[str, list[float | None]] = {}
+        self._majority = 0
+        self.bytes_read = 0
+
+    def _load(self, ckpt: Checkpoint, key: str, rows: Rows) -> torch.Tensor:
+        piece = ckpt.read(key, rows)
+        self.bytes_read += piece.numel() * piece.element_size()
+        return piece.to(self.device).float()
+
+    def _progress(self) -> Progress:
+        return Progress(
+            TextColumn("{task.description}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TimeElapsedColumn(),
+            disable=not self.show_progress,
+            transient=False,
+        )
+
+    def _pieces(self, description: str, keys: list[str], whole: bool = False) -> Iterator[tuple[str, Rows]]:
+        blocks = [
+            (k, rows)
+            for k in keys
+            for rows in ([None] if whole else row_blocks(self.job.base.infos[k], self.block_entries))
+        ]
+        with self._progress() as progress:
+            task = progress.add_task(description, total=len(blocks))
+            for item in blocks:
+                yield item
+                progress.advance(task)
+
+    def _inputs(self, description: str) -> Iterator[tuple[str, Rows, torch.Tensor, list[torch.Tensor]]]:
+        for key, rows in self._pieces(description, self.job.merge_keys):
+            base = self._load(self.job.base, key, rows)
+            yield key, rows, base, [self._load(m, key, rows) for m in self.job.models]
+
+    # -- global statistics ------------------------------------------------------------------------------
+
+    def _global_thresholds(self, density: float) -> list[float | None]:
+        t = len(self.job.models)
+        rank = kth_rank(self.job.d, density)
+        if rank == 0:
+            return [None] * t
+        high = [torch.zeros(1 << 15, dtype=torch.int64, device=self.device) for _ in range(t)]
+        for _, _, base, thetas in self._inputs("top-k thresholds (high bits)"):
+            for i, tau in enumerate(task_vectors(base, thetas)):
+                high[i] += high_histogram(magnitude_bits(tau))
+        buckets = [locate(h, rank) for h in high]
+        low = [torch.zeros(1 << 16, dtype=torch.int64, device=self.device) for _ in range(t)]
+        for _, _, base, thetas in self._inputs("top-k thresholds (low bits)"):
+            for i, tau in enumerate(task_vectors(base, thetas)):
+                low[i] += low_histogram(magnitude_bits(tau), buckets[i][0])
+        return [
+            threshold_value(bucket, locate(lo, rank_in_bucket)[0])
+            for (bucket, rank_in_bucket), lo in zip(buckets, low, strict=True)
+        ]
+
+    def _per_tensor_thresholds(self, density: float) -> None:
+        for key, _ in self._pieces("per-tensor thresholds", self.job.merge_keys, whole=True):
+            base = self._load(self.job.base, key, None)
+            self._tensor_thresholds[key] = [
+                tensor_threshold(self._load(m, key, None) - base, density) for m in self.job.models
+            ]
+
+    def _thresholds_for(self, key: str) -> list[float | None]:
+        if key in self._tensor_thresholds:
+            return self._tensor_thresholds[key]
+        if self.stats.thresholds is not None:
+            return self.stats.thresholds
+        return [None] * len(self.job.models)
+
+    def _ties_majority(self) -> None:
+        total = 0
+        for key, _, base, thetas in self._inputs("TIES majority sign"):
+            total += sign_count(elect_sign(trim(task_vectors(base, thetas), self._thresholds_for(key))))
+        self.stats.sign_total = total
+        self._majority = (total > 0) - (total < 0)
+
+    def collect_statistics(self) -> None:
+        """Every pass before the output pass."""
+        if self.spec.global_topk_density is not None:
+            self.stats.thresholds = self._global_thresholds(self.spec.global_topk_density)
+        if self.spec.tensor_topk_density is not None:
+            self._per_tensor_thresholds(self.spec.tensor_topk_density)
+        if self.spec.needs_majority_sign:
+            self._ties_majority()
+
+    # -- the output pass ---------------------------------------------------------------------------------
+
+    def compute(
+        self, key: str, base: torch.Tensor, thetas: list[torch.Tensor]
+    ) -> tuple[torch.Tensor | None, list[torch.Tensor], list[torch.Tensor]]:
+        """(τ_MTL piece — consensus-filtered for consensus, task masks, task vectors) of one piece."""
+        spec = self.spec
+        taus = task_vectors(base, thetas)
+        tau_mtl = None
+        if spec.vector == "sum":
+            tau_mtl = sum_in_task_order(taus)
+        elif spec.vector == "ties":
+            trimmed = trim(taus, self._thresholds_for(key))
+            signs = resolve_zero_signs(elect_sign(trimmed), self._majority)
+            tau_mtl = disjoint_merge(trimmed, signs, spec.ties.merge)
+        masks: list[torch.Tensor] = []
+        if spec.masks == "tall":
+            masks = [
+                tall_mask(base, theta, tau_mtl, lam) for theta, lam in zip(thetas, spec.lambdas, strict=True)
+            ]
+        elif spec.masks == "magnitude":
+            masks = [topk_mask(tau, thr) for tau, thr in zip(taus, self._thresholds_for(key), strict=True)]
+        if masks:
+            self._record_masks(masks, taus)
+            if spec.consensus_k is not None:
+                keep = consensus_mask(mask_count(masks), spec.consensus_k)
+                self.stats.consensus_kept += int(keep.sum())
+                tau_mtl = tau_mtl * keep
+        return tau_mtl, masks, taus
+
+    def _record_masks(self, masks: list[torch.Tensor], taus: list[torch.Tensor]) -> None:
+        t = len(masks)
+        count = mask_count(masks)
+        active = torch.zeros_like(count, dtype=torch.bool)
+        for tau in taus:
+            active |= tau != 0
+        hist = agreement_histogram(count, t).cpu()
+        hist_active = agreement_histogram(count[active], t).cpu()
+        kept = [int(m.sum()) for m in masks]
+        if self.stats.histogram is None:
+            self.stats.histogram, self.stats.histogram_active, self.stats.kept = hist, hist_active, kept
+        else:
+            self.stats.histogram += hist
+            self.stats.histogram_active += hist_active
+            self.stats.kept = [a + b for a, b in zip(self.stats.kept, kept, strict=True)]
+
+    def write_merged(self, directory: Path, max_shard_size: int | str) -> list[str]:
+        job = self.job
+        keys = sorted(job.base.infos)
+        slots = [Slot(k, job.out_dtype(k), job.base.infos[k].shape) for k in keys]
+        stream = ShardedStream(directory, slots, max_shard_size)
+        merge_keys = set(job.merge_keys)
+        for key, rows in self._pieces("merge and write", keys):
+            if key not in merge_keys:
+                stream.write(key, job.base.read(key))
+                continue
+            base = self._load(job.base, key, rows)
+            tau_mtl, _, _ = self.compute(key, base, [self._load(m, key, rows) for m in job.models])
+            merged = apply_vector(base, tau_mtl, self.spec.scaling)
+            stream.write(key, merged.to(job.out_dtype(key)).cpu())
+        stream.close()
+        return stream.files
+
+    def write_artifact(self, directory: Path, max_shard_size: int | str) -> ArtifactWriter:
+        job = self.job
+        writer = ArtifactWriter(
+            directory,
+            {k: job.base.infos[k].shape for k in job.merge_keys},
+            job.task_names,
+            shared_vector=not self.spec.own_values,
+            own_values=self.spec.own_values,
+            max_shard_size=max_shard_size,
+        )
+        for key, _, base, thetas in self._inputs("compress and write"):
+            tau_mtl, masks, taus = self.compute(key, base, thetas)
+            writer.write(key, tau_mtl, masks, taus)
+        return writer
+
+    def storage(self) -> dict[str, Any]:
+        job = self.job
+        base_bits = 8 * sum(job.base.infos[k].nbytes for k in job.merge_keys) / max(job.d, 1)
+        return storage_summary(
+            job.d,
+            len(job.models),
+            base_bits,
+            shared_vector=not self.spec.own_values,
+            kept_values=sum(self.stats.kept) if self.spec.own_values else 0,
+        )

@@ -1,0 +1,77 @@
+"""TIES-Merging (Yadav et al., 2023): trim, elect the sign, disjoint merge — the reference's semantics."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+
+from hubmerge.methods.task_arithmetic import sum_in_task_order
+from hubmerge.methods.topk import topk_mask
+
+TiesMerge = Literal["mean", "sum", "max"]
+
+
+def trim(taus: list[torch.Tensor], thresholds: list[float | None]) -> list[torch.Tensor]:
+    """Zero every entry below its task's magnitude threshold (ties kept).
+
+    Args:
+        taus: float32 task vectors, task order.
+        thresholds: one per task; None keeps the task whole (density 1).
+
+    Returns:
+        The trimmed task vectors (τ_t ⊙ mask, a product as in the reference, so −0.0 can appear).
+    """
+    return [tau * topk_mask(tau, thr) for tau, thr in zip(taus, thresholds, strict=True)]
+
+
+def elect_sign(trimmed: list[torch.Tensor]) -> torch.Tensor:
+    """s = sign of the float32 sum of the trimmed vectors (not a vote count); 0 where they cancel."""
+    return torch.sign(sum_in_task_order(trimmed))
+
+
+def sign_count(sign: torch.Tensor) -> int:
+    """Σ s as an exact integer; the model-wide majority sign is the sign of its total over all pieces."""
+    return int(sign.to(torch.int64).sum())
+
+
+def resolve_zero_signs(sign: torch.Tensor, majority: int) -> torch.Tensor:
+    """Replace s = 0 by the model-wide majority sign (itself possibly 0).
+
+    Args:
+        sign: elected signs of one piece.
+        majority: −1, 0 or +1, from all d coordinates.
+
+    Returns:
+        The signs used for the disjoint merge.
+    """
+    return torch.where(sign == 0, torch.full_like(sign, float(majority)), sign)
+
+
+def disjoint_merge(trimmed: list[torch.Tensor], sign: torch.Tensor, merge: TiesMerge) -> torch.Tensor:
+    """Merge only the entries that agree with the elected sign.
+
+    Where the sign is > 0 an entry is kept if > 0, otherwise if < 0 (so a 0 sign keeps negative entries,
+    the reference's quirk when the majority is 0).
+
+    Args:
+        trimmed: trimmed task vectors, task order.
+        sign: resolved elected signs.
+        merge: `mean` (over the kept nonzero entries), `sum`, or `max` (largest |kept| times the sign).
+
+    Returns:
+        The merged task vector τ_MTL of this piece, float32.
+    """
+    positive = sign > 0
+    selected = [tau * torch.where(positive, tau > 0, tau < 0) for tau in trimmed]
+    if merge == "sum":
+        return sum_in_task_order(selected)
+    if merge == "mean":
+        kept = sum_in_task_order([(s != 0).float() for s in selected])
+        return sum_in_task_order(selected) / torch.clamp(kept, min=1)
+    if merge == "max":
+        largest = selected[0].abs()
+        for s in selected[1:]:
+            largest = torch.maximum(largest, s.abs())
+        return largest * sign
+    raise ValueError(f"unknown TIES merge {merge!r}")

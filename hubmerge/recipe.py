@@ -1,0 +1,128 @@
+"""The YAML recipe: schema, parsing and validation, before any tensor is read."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from hubmerge.errors import HubmergeError
+from hubmerge.methods import METHODS
+
+TASK_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+# A local path is anything that looks like one; everything else of the form org/name[@rev] is a Hub id.
+HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+(@[^\s@]+)?$")
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
+
+OutputDtype = Literal["auto", "float32", "bfloat16", "float16"]
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+
+
+class ModelEntry(Strict):
+    source: Annotated[str, Field(min_length=1)]
+    name: str | None = None
+
+
+class Recipe(Strict):
+    """A merge recipe, exactly as written in the YAML file (method parameters still raw)."""
+
+    version: Literal[1]
+    base: Annotated[str, Field(min_length=1)]
+    models: Annotated[list[str | ModelEntry], Field(min_length=1)]
+    method: str
+    parameters: dict[str, Any] = Field(default_factory=dict)
+    dtype: OutputDtype = "auto"
+    output: str | None = None
+
+    @model_validator(mode="after")
+    def _check(self) -> Recipe:
+        if self.method not in METHODS:
+            raise ValueError(f"unknown method {self.method!r}; choose one of: {', '.join(sorted(METHODS))}")
+        names = self.task_names
+        for name in names:
+            if not TASK_NAME.match(name):
+                raise ValueError(
+                    f"task name {name!r} is not usable as a file name (letters, digits, '.', '_', '-')"
+                )
+        seen: set[str] = set()
+        for name in names:
+            if name in seen:
+                raise ValueError(f"duplicate task name {name!r}: give the models distinct `name`s")
+            seen.add(name)
+        METHODS[self.method].validate(self.parameters, names)
+        return self
+
+    @property
+    def entries(self) -> list[ModelEntry]:
+        return [m if isinstance(m, ModelEntry) else ModelEntry(source=m) for m in self.models]
+
+    @property
+    def task_names(self) -> list[str]:
+        return [e.name or default_task_name(e.source) for e in self.entries]
+
+    @property
+    def sources(self) -> list[str]:
+        return [e.source for e in self.entries]
+
+
+def is_hub_id(spec: str) -> bool:
+    """Whether a source string names a Hub repository rather than a local path."""
+    if spec.startswith((".", "/", "~")) or spec.endswith(WEIGHT_SUFFIXES) or Path(spec).exists():
+        return False
+    return bool(HUB_ID.match(spec))
+
+
+def split_revision(spec: str) -> tuple[str, str | None]:
+    """`org/name@rev` -> ("org/name", "rev"); no `@` -> revision None."""
+    repo_id, _, revision = spec.partition("@")
+    return repo_id, revision or None
+
+
+def default_task_name(source: str) -> str:
+    if is_hub_id(source):
+        return split_revision(source)[0].split("/")[-1]
+    path = Path(source.rstrip("/"))
+    return path.stem if path.suffix in WEIGHT_SUFFIXES else path.name
+
+
+def _format_validation_error(err: ValidationError) -> str:
+    parts = []
+    for e in err.errors():
+        loc = ".".join(str(p) for p in e["loc"] if not str(p).startswith(("function-", "str", "ModelEntry")))
+        msg = e["msg"].removeprefix("Value error, ")
+        if e["type"] == "extra_forbidden":
+            msg = "unknown field"
+        parts.append(f"{loc}: {msg}" if loc else msg)
+    return "; ".join(dict.fromkeys(parts))
+
+
+def parse_recipe(data: Any, origin: str = "<recipe>") -> Recipe:
+    """Validate an already-loaded recipe mapping; errors name `origin` and the offending field."""
+    if not isinstance(data, dict):
+        raise HubmergeError(f"{origin}: a recipe must be a YAML mapping, got {type(data).__name__}")
+    try:
+        return Recipe.model_validate(data)
+    except ValidationError as err:
+        raise HubmergeError(f"{origin}: {_format_validation_error(err)}") from None
+
+
+def load_recipe(path: str | Path) -> Recipe:
+    """Read and validate a recipe file."""
+    path = Path(path)
+    if not path.is_file():
+        raise HubmergeError(f"recipe file not found: {path}")
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.MarkedYAMLError as err:
+        mark = err.problem_mark
+        where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark else str(path)
+        raise HubmergeError(f"{where}: malformed YAML: {err.problem or err}") from None
+    except yaml.YAMLError as err:
+        raise HubmergeError(f"{path}: malformed YAML: {err}") from None
+    return parse_recipe(data, str(path))

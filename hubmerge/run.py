@@ -1,0 +1,154 @@
+"""One run of a recipe: validate, stream the passes, write every output file, then publish the directory."""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+import hubmerge
+from hubmerge.artifacts import FORMAT, FORMAT_VERSION, MANIFEST, MASK_DIR, PACKING, VECTOR_STEM
+from hubmerge.card import build_card
+from hubmerge.engine import DEFAULT_BLOCK_ENTRIES, Engine, MergeJob, prepare, resolve_device
+from hubmerge.errors import HubmergeError
+from hubmerge.methods import METHODS
+from hubmerge.recipe import Recipe
+from hubmerge.sources import Checkpoint
+from hubmerge.writer import atomic_directory, check_output_path, copy_support_files
+
+RECIPE_FILE = "hubmerge_recipe.yaml"
+MERGED_FORMAT = "hubmerge-merged"
+COUNTING_RULE = (
+    "every floating-point tensor of the base, flattened in sorted key order; non-float tensors copied"
+)
+
+
+@dataclass
+class RunResult:
+    output: Path
+    record: dict[str, Any]
+
+
+def pinned_source(ckpt: Checkpoint) -> str:
+    """A Hub source pinned to the commit it resolved to; a local source as written."""
+    prov = ckpt.provenance
+    return f"{prov.location}@{prov.revision}" if prov.revision else prov.source
+
+
+def pinned_recipe(job: MergeJob) -> str:
+    """The recipe that reproduces this output: revisions pinned, every parameter default written out."""
+    data = {
+        "version": 1,
+        "base": pinned_source(job.base),
+        "models": [
+            {"source": pinned_source(m), "name": n} for m, n in zip(job.models, job.task_names, strict=True)
+        ],
+        "method": job.recipe.method,
+        "parameters": job.parameters,
+        "dtype": job.recipe.dtype,
+    }
+    if job.recipe.output:
+        data["output"] = job.recipe.output
+    header = (
+        f"# Written by hubmerge {hubmerge.__version__}: the recipe of this output, revisions pinned.\n"
+        f"# hubmerge run {RECIPE_FILE} --output <dir>\n"
+    )
+    return header + yaml.safe_dump(data, sort_keys=False, allow_unicode=True)
+
+
+def _task_records(job: MergeJob, engine: Engine) -> list[dict[str, Any]]:
+    tasks = []
+    for i, (name, model) in enumerate(zip(job.task_names, job.models, strict=True)):
+        task: dict[str, Any] = {"name": name, **model.provenance.as_dict()}
+        if job.spec.masks == "tall":
+            task["lambda"] = job.spec.lambdas[i]
+        if job.spec.masks == "magnitude":
+            task["density"] = job.spec.mask_density
+        if engine.stats.kept:
+            task["mask_kept"] = engine.stats.kept[i]
+        tasks.append(task)
+    return tasks
+
+
+def run_record(job: MergeJob, engine: Engine, seconds: float) -> dict[str, Any]:
+    """What the run did, written as hubmerge.json next to the output."""
+    compressed = job.spec.result == "compressed"
+    record: dict[str, Any] = {
+        "format": FORMAT if compressed else MERGED_FORMAT,
+        "format_version": FORMAT_VERSION,
+        "hubmerge_version": hubmerge.__version__,
+        "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        "method": job.recipe.method,
+        "result": job.spec.result,
+        "parameters": job.parameters,
+        "dtype": job.recipe.dtype,
+        "base": job.base.provenance.as_dict(),
+        "tasks": _task_records(job, engine),
+        "parameters_counted": job.d,
+        "counted_tensors": len(job.merge_keys),
+        "copied_tensors": job.copy_keys,
+        "counting_rule": COUNTING_RULE,
+        "has_config": job.base.directory is not None and (job.base.directory / "config.json").is_file(),
+        "stats": engine.stats.as_dict(),
+        "device": str(engine.device),
+        "seconds": round(seconds, 3),
+        "bytes_read": engine.bytes_read,
+    }
+    if job.spec.consensus_k is not None:
+        record["stats"]["consensus_kept"] = engine.stats.consensus_kept
+    if compressed:
+        record["vector"] = None if job.spec.own_values else {"stem": VECTOR_STEM, "dtype": "float32"}
+        record["masks"] = {"dir": MASK_DIR, "packing": PACKING}
+        record["storage"] = engine.storage()
+    return record
+
+
+def resolve_output(recipe: Recipe, output: Path | None) -> Path:
+    target = output or (Path(recipe.output) if recipe.output else None)
+    if target is None:
+        raise HubmergeError("no output directory: set `output:` in the recipe or pass --output")
+    return target
+
+
+def run_recipe(
+    recipe: Recipe,
+    origin: str = "<recipe>",
+    *,
+    output: str | Path | None = None,
+    overwrite: bool = False,
+    device: str = "auto",
+    max_shard_size: int | str = "5GB",
+    block_entries: int = DEFAULT_BLOCK_ENTRIES,
+    show_progress: bool = False,
+    token: str | None = None,
+) -> RunResult:
+    """Run a validated recipe end to end; the output directory appears only when everything is written."""
+    target = resolve_output(recipe, Path(output) if output else None)
+    check_output_path(target, overwrite)
+    torch_device = resolve_device(device)
+    job = prepare(recipe, origin, token=token)
+    engine = Engine(job, torch_device, block_entries=block_entries, show_progress=show_progress)
+    started = time.perf_counter()
+    try:
+        with atomic_directory(target, overwrite) as staging:
+            engine.collect_statistics()
+            if job.spec.result == "merged":
+                engine.write_merged(staging, max_shard_size)
+                copy_support_files(job.base.directory, staging)
+                record = run_record(job, engine, time.perf_counter() - started)
+                (staging / MANIFEST).write_text(json.dumps(record, indent=2) + "\n")
+            else:
+                writer = engine.write_artifact(staging, max_shard_size)
+                record = run_record(job, engine, time.perf_counter() - started)
+                writer.close(record)
+            recipe_yaml = pinned_recipe(job)
+            (staging / RECIPE_FILE).write_text(recipe_yaml)
+            build_card(record, recipe_yaml, METHODS[job.recipe.method].summary).save(staging / "README.md")
+    finally:
+        job.close()
+    return RunResult(output=target, record=record)

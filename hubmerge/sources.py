@@ -1,0 +1,325 @@
+"""Resolve model sources (local dir, single file, Hub id) and read their tensors lazily, piece by piece."""
+
+from __future__ import annotations
+
+import fnmatch
+import json
+import os
+import pickle
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError, safe_open
+
+from hubmerge.errors import HubmergeError
+from hubmerge.recipe import is_hub_id, split_revision
+
+SAFETENSORS_INDEX = "model.safetensors.index.json"
+BIN_INDEX = "pytorch_model.bin.index.json"
+# Files a model directory needs besides its weights: copied from the base into every output model.
+SUPPORT_FILES = (
+    "config.json",
+    "generation_config.json",
+    "tokenizer*",
+    "special_tokens_map.json",
+    "added_tokens.json",
+    "vocab.*",
+    "merges.txt",
+    "spiece.model",
+    "sentencepiece*.model",
+    "chat_template.*",
+    "preprocessor_config.json",
+    "processor_config.json",
+    "modules.json",
+    "sentence_bert_config.json",
+    "config_sentence_transformers.json",
+    "[0-9]_*/*.json",
+)
+SAFETENSORS_DTYPES = {
+    "F64": torch.float64,
+    "F32": torch.float32,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "F8_E4M3": torch.float8_e4m3fn,
+    "F8_E5M2": torch.float8_e5m2,
+    "I64": torch.int64,
+    "I32": torch.int32,
+    "I16": torch.int16,
+    "I8": torch.int8,
+    "U8": torch.uint8,
+    "U16": torch.uint16,
+    "U32": torch.uint32,
+    "U64": torch.uint64,
+    "BOOL": torch.bool,
+}
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+
+    @property
+    def numel(self) -> int:
+        n = 1
+        for s in self.shape:
+            n *= s
+        return n
+
+    @property
+    def is_float(self) -> bool:
+        return self.dtype.is_floating_point
+
+    @property
+    def nbytes(self) -> int:
+        return self.numel * self.dtype.itemsize
+
+
+@dataclass(frozen=True)
+class Provenance:
+    """Where a checkpoint came from: recorded with every output so that a run can be repeated."""
+
+    source: str  # as written in the recipe
+    location: str  # absolute local path, or the Hub repo id
+    revision: str | None = None  # resolved commit sha for Hub sources
+
+    def as_dict(self) -> dict[str, str | None]:
+        return {"source": self.source, "location": self.location, "revision": self.revision}
+
+
+@dataclass
+class Checkpoint:
+    """A model's weights, opened lazily: shapes and dtypes come from file headers, data on request."""
+
+    provenance: Provenance
+    root: Path  # the model directory (or the single file)
+    weight_files: list[Path]
+    infos: dict[str, TensorInfo] = field(default_factory=dict)
+    _key_file: dict[str, Path] = field(default_factory=dict)
+    _handles: dict[Path, object] = field(default_factory=dict)
+
+    @property
+    def name(self) -> str:
+        return self.provenance.source
+
+    @property
+    def directory(self) -> Path | None:
+        """The model directory holding config/tokenizer files, or None for a bare weights file."""
+        return self.root if self.root.is_dir() else None
+
+    @property
+    def weight_bytes(self) -> int:
+        return sum(f.stat().st_size for f in self.weight_files)
+
+    def read(self, key: str, rows: tuple[int, int] | None = None) -> torch.Tensor:
+        """One tensor, or the row range [start, stop) of its first dimension, as stored (no upcast)."""
+        handle = self._handle(self._key_file[key])
+        if isinstance(handle, dict):
+            tensor = handle[key]
+            return tensor if rows is None or tensor.dim() == 0 else tensor[rows[0] : rows[1]]
+        if rows is None or not self.infos[key].shape:
+            return handle.get_tensor(key)
+        return handle.get_slice(key)[rows[0] : rows[1]]
+
+    def _handle(self, path: Path) -> object:
+        if path not in self._handles:
+            self._handles[path] = _open_weights(path)
+        return self._handles[path]
+
+    def close(self) -> None:
+        self._handles.clear()
+
+
+def _open_weights(path: Path) -> object:
+    if path.suffix == ".safetensors":
+        try:
+            return safe_open(str(path), framework="pt")
+        except (SafetensorError, OSError) as err:
+            raise HubmergeError(f"{path}: not a readable safetensors file ({err})") from None
+    return _load_pickled_weights(path)
+
+
+def _load_pickled_weights(path: Path) -> dict[str, torch.Tensor]:
+    """A .bin checkpoint through torch's weights-only unpickler: never runs code from the file."""
+    try:
+        try:
+            data = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        except RuntimeError as err:
+            if "mmap" not in str(err):
+                raise
+            data = torch.load(path, map_location="cpu", weights_only=True)  # legacy (non-zip) format
+    except pickle.UnpicklingError as err:
+        reason = str(err).strip().splitlines()[0] if str(err).strip() else "unsupported pickle content"
+        raise HubmergeError(
+            f"{path}: refusing to load: it needs unsafe unpickling ({reason}); convert it to safetensors"
+        ) from None
+    except (RuntimeError, OSError, EOFError) as err:
+        raise HubmergeError(f"{path}: not a readable PyTorch checkpoint ({err})") from None
+    if not isinstance(data, dict) or not all(
+        isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in data.items()
+    ):
+        raise HubmergeError(f"{path}: expected a flat mapping of tensor names to tensors (a state dict)")
+    return data
+
+
+def _weight_files(root: Path) -> list[Path]:
+    if root.is_file():
+        if root.suffix not in (".safetensors", ".bin", ".pt", ".pth"):
+            raise HubmergeError(f"{root}: not a weights file (.safetensors, .bin, .pt, .pth)")
+        return [root]
+    for index_name in (SAFETENSORS_INDEX, BIN_INDEX):
+        index = root / index_name
+        if index.is_file():
+            try:
+                weight_map = json.loads(index.read_text())["weight_map"]
+            except (json.JSONDecodeError, KeyError, TypeError) as err:
+                raise HubmergeError(f"{index}: malformed shard index ({err})") from None
+            files = [root / name for name in dict.fromkeys(weight_map.values())]
+            for f in files:
+                if not f.is_file():
+                    raise HubmergeError(f"{index}: shard {f.name} is missing")
+            return files
+    for single in ("model.safetensors", "pytorch_model.bin"):
+        if (root / single).is_file():
+            return [root / single]
+    candidates = sorted(root.glob("*.safetensors"))
+    if len(candidates) == 1:
+        return candidates
+    found = ", ".join(p.name for p in candidates) if candidates else "none"
+    raise HubmergeError(
+        f"{root}: no model weights found (looked for {SAFETENSORS_INDEX}, model.safetensors, {BIN_INDEX}, "
+        f"pytorch_model.bin, or a single *.safetensors; found: {found})"
+    )
+
+
+def open_local(path: Path, provenance: Provenance) -> Checkpoint:
+    """Index a local model directory or weights file: reads headers only."""
+    ckpt = Checkpoint(provenance=provenance, root=path, weight_files=_weight_files(path))
+    for f in ckpt.weight_files:
+        handle = ckpt._handle(f)
+        if isinstance(handle, dict):
+            items = [(k, TensorInfo(tuple(v.shape), v.dtype)) for k, v in handle.items()]
+        else:
+            items = []
+            for k in handle.keys():  # noqa: SIM118 - safe_open is not iterable
+                piece = handle.get_slice(k)
+                dtype = SAFETENSORS_DTYPES.get(piece.get_dtype())
+                if dtype is None:
+                    raise HubmergeError(f"{f}: tensor {k!r} has unsupported dtype {piece.get_dtype()}")
+                items.append((k, TensorInfo(tuple(piece.get_shape()), dtype)))
+        for k, info in items:
+            if k in ckpt.infos:
+                raise HubmergeError(f"{path}: tensor {k!r} appears in more than one shard")
+            ckpt.infos[k] = info
+            ckpt._key_file[k] = f
+    return ckpt
+
+
+def hub_allow_patterns(use_safetensors: bool) -> list[str]:
+    weights = ["*.safetensors", SAFETENSORS_INDEX] if use_safetensors else ["*.bin", BIN_INDEX]
+    return [*weights, *SUPPORT_FILES]
+
+
+def _download(
+    repo_id: str, revision: str | None, token: str | None, endpoint: str | None
+) -> tuple[Path, str]:
+    from huggingface_hub import HfApi, snapshot_download
+    from huggingface_hub import constants as hf_constants
+
+    if hf_constants.HF_HUB_OFFLINE:
+        # Offline: the cache decides; its snapshot folder is named after the commit sha.
+        path = snapshot_download(
+            repo_id, revision=revision, allow_patterns=[*hub_allow_patterns(True), "*.bin", BIN_INDEX]
+        )
+        return Path(path), Path(path).name
+    info = HfApi(endpoint=endpoint, token=token).model_info(repo_id, revision=revision)
+    names = [s.rfilename for s in info.siblings or []]
+    use_safetensors = any(n.endswith(".safetensors") for n in names)
+    if not use_safetensors and not any(n.endswith(".bin") for n in names):
+        raise HubmergeError(f"{repo_id}@{info.sha}: the repository has no .safetensors or .bin weights")
+    path = snapshot_download(
+        repo_id,
+        revision=info.sha,
+        allow_patterns=hub_allow_patterns(use_safetensors),
+        token=token,
+        endpoint=endpoint,
+    )
+    return Path(path), str(info.sha)
+
+
+def resolve_source(spec: str, *, token: str | None = None, endpoint: str | None = None) -> Checkpoint:
+    """Open a recipe source: a local directory or weights file, or a Hub `org/name[@revision]`."""
+    if not is_hub_id(spec):
+        path = Path(os.path.expanduser(spec))
+        if not path.exists():
+            raise HubmergeError(f"source not found: {spec} (no such file or directory)")
+        return open_local(path, Provenance(source=spec, location=str(path.resolve())))
+    from huggingface_hub import errors as hf_errors
+
+    repo_id, revision = split_revision(spec)
+    try:
+        path, sha = _download(repo_id, revision, token, endpoint)
+    except hf_errors.GatedRepoError:
+        raise HubmergeError(f"{spec}: gated repository: accept its terms on the Hub and log in") from None
+    except hf_errors.RevisionNotFoundError:
+        raise HubmergeError(f"{spec}: revision {revision!r} not found in {repo_id}") from None
+    except hf_errors.RepositoryNotFoundError:
+        raise HubmergeError(
+            f"{spec}: repository not found (or private: set HF_TOKEN or run `hf auth login`)"
+        ) from None
+    except hf_errors.LocalEntryNotFoundError:
+        raise HubmergeError(
+            f"{spec}: not in the local cache and the Hub cannot be reached "
+            "(connect, or download it first; HF_HUB_OFFLINE=1 reads only the cache)"
+        ) from None
+    except hf_errors.HfHubHTTPError as err:
+        raise HubmergeError(f"{spec}: Hub error: {err}") from None
+    return open_local(path, Provenance(source=spec, location=repo_id, revision=sha))
+
+
+def support_files(directory: Path) -> list[Path]:
+    """Config, tokenizer and similar files of a model directory (relative paths), to copy into outputs."""
+    found = []
+    for path in sorted(directory.rglob("*")):
+        rel = path.relative_to(directory).as_posix()
+        if path.is_file() and any(fnmatch.fnmatch(rel, pattern) for pattern in SUPPORT_FILES):
+            found.append(Path(rel))
+    return found
+
+
+def check_compatible(base: Checkpoint, models: list[Checkpoint], names: list[str]) -> None:
+    """Every model must have exactly the base's tensors, shapes and float-ness; raises naming the first diffs."""
+    if not any(info.is_float for info in base.infos.values()):
+        raise HubmergeError(f"base {base.name}: has no floating-point tensors, nothing to merge")
+
+    def head(keys: list[str]) -> str:
+        shown = ", ".join(keys[:3])
+        return shown + (f" (+{len(keys) - 3} more)" if len(keys) > 3 else "")
+
+    for name, model in zip(names, models, strict=True):
+        problems = []
+        missing = sorted(set(base.infos) - set(model.infos))
+        extra = sorted(set(model.infos) - set(base.infos))
+        if missing:
+            problems.append(f"missing keys {head(missing)}")
+        if extra:
+            problems.append(f"extra keys {head(extra)}")
+        mismatched = [
+            f"{k} {list(model.infos[k].shape)} vs base {list(info.shape)}"
+            for k, info in sorted(base.infos.items())
+            if k in model.infos and model.infos[k].shape != info.shape
+        ]
+        if mismatched:
+            problems.append(f"shape mismatch {head(mismatched)}")
+        kinds = [
+            k
+            for k, info in sorted(base.infos.items())
+            if k in model.infos and model.infos[k].is_float != info.is_float
+        ]
+        if kinds:
+            problems.append(f"float/non-float mismatch {head(kinds)}")
+        if problems:
+            raise HubmergeError(
+                f"model {name!r} ({model.name}) does not match the base: " + "; ".join(problems)
+            )
