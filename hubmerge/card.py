@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 from huggingface_hub import ModelCard, ModelCardData
@@ -167,9 +168,7 @@ def build_card(record: dict[str, Any], recipe_yaml: str, method_summary: str) ->
         sources=sources,
         method=record["method"],
         method_summary=method_summary,
-        parameters=[
-            (k, yaml.safe_dump(v, default_flow_style=True).strip()) for k, v in record["parameters"].items()
-        ],
+        parameters=[(k, json.dumps(v, ensure_ascii=False)) for k, v in record["parameters"].items()],
         d=record["parameters_counted"],
         usage=usage,
         storage_rows=storage_rows(record["storage"]) if compressed else [],
