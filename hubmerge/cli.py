@@ -8,6 +8,7 @@ from typing import Annotated, Any
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from hubmerge.artifacts import MANIFEST, CompressedMerge
@@ -36,7 +37,7 @@ def _human(n: float) -> str:
 
 
 def _fail(err: HubmergeError) -> typer.Exit:
-    errors.print(f"[bold red]error:[/] {err}", highlight=False, soft_wrap=True)
+    errors.print(f"[bold red]error:[/] {escape(str(err))}", highlight=False, soft_wrap=True)
     return typer.Exit(code=2)
 
 

@@ -6,6 +6,7 @@ import fnmatch
 import json
 import os
 import pickle
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -15,6 +16,7 @@ from safetensors import SafetensorError, safe_open
 from hubmerge.errors import HubmergeError
 from hubmerge.recipe import is_hub_id, split_revision
 
+ANSI_ESCAPE = re.compile(r"\x1b\[[0-9;]*m")
 SAFETENSORS_INDEX = "model.safetensors.index.json"
 BIN_INDEX = "pytorch_model.bin.index.json"
 # Files a model directory needs besides its weights: copied from the base into every output model.
@@ -150,9 +152,9 @@ def _load_pickled_weights(path: Path) -> dict[str, torch.Tensor]:
                 raise
             data = torch.load(path, map_location="cpu", weights_only=True)  # legacy (non-zip) format
     except pickle.UnpicklingError as err:
-        reason = str(err).strip().splitlines()[0] if str(err).strip() else "unsupported pickle content"
         raise HubmergeError(
-            f"{path}: refusing to load: it needs unsafe unpickling ({reason}); convert it to safetensors"
+            f"{path}: refusing to load: it needs unsafe unpickling ({_unpickling_reason(err)}); "
+            "convert it to safetensors"
         ) from None
     except (RuntimeError, OSError, EOFError) as err:
         raise HubmergeError(f"{path}: not a readable PyTorch checkpoint ({err})") from None
@@ -161,6 +163,13 @@ def _load_pickled_weights(path: Path) -> dict[str, torch.Tensor]:
     ):
         raise HubmergeError(f"{path}: expected a flat mapping of tensor names to tensors (a state dict)")
     return data
+
+
+def _unpickling_reason(err: Exception) -> str:
+    """The line of torch's weights-only error that names what the file wanted to run."""
+    lines = [ANSI_ESCAPE.sub("", line).strip() for line in str(err).splitlines()]
+    named = [line for line in lines if line.startswith("Unsupported global") or "GLOBAL" in line]
+    return (named or [line for line in lines if line] or ["unsupported pickle content"])[0]
 
 
 def _weight_files(root: Path) -> list[Path]:

@@ -1,0 +1,181 @@
+"""The pure tensor functions, on cases whose answers are known from the reference's semantics."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from safetensors.torch import load_file, save_file
+
+from hubmerge import parse_recipe, run_recipe
+from hubmerge.artifacts import pack_bits, unpack_bits
+from hubmerge.engine import row_blocks
+from hubmerge.methods import METHODS
+from hubmerge.methods.tall import agreement_histogram, consensus_mask, mask_count, tall_mask
+from hubmerge.methods.task_arithmetic import sum_in_task_order
+from hubmerge.methods.ties import disjoint_merge, elect_sign, resolve_zero_signs, trim
+from hubmerge.methods.topk import (
+    high_histogram,
+    kth_rank,
+    locate,
+    low_histogram,
+    magnitude_bits,
+    tensor_threshold,
+    threshold_value,
+    topk_mask,
+)
+from hubmerge.sources import TensorInfo
+
+
+def radix_threshold(pieces: list[torch.Tensor], density: float) -> float | None:
+    d = sum(p.numel() for p in pieces)
+    rank = kth_rank(d, density)
+    if rank == 0:
+        return None
+    high = sum(high_histogram(magnitude_bits(p)) for p in pieces)
+    bucket, within = locate(high, rank)
+    low = sum(low_histogram(magnitude_bits(p), bucket) for p in pieces)
+    return threshold_value(bucket, locate(low, within)[0])
+
+
+@pytest.mark.parametrize(
+    ("values", "density", "kept"),
+    [(list(range(1, 11)), 0.2, 3), ([1, 2, 2, 2, 3], 0.2, 4), ([0, 0, 0, 0, 5], 0.2, 5), ([4, -4, 1], 1.0, 3)],
+)
+def test_topk_keeps_ties_at_the_threshold(values, density, kept):
+    x = torch.tensor(values, dtype=torch.float32)
+    assert int(topk_mask(x, radix_threshold([x], density)).sum()) == kept
+    assert int(topk_mask(x, tensor_threshold(x, density)).sum()) == kept
+
+
+floats = st.floats(allow_nan=False, allow_infinity=False, width=32)
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    st.lists(st.one_of(floats, st.sampled_from([0.0, -0.0, 2.0**-12, -(2.0**-12), 1e-40])), min_size=1, max_size=300),
+    st.sampled_from([0.01, 0.1, 0.2, 0.5, 0.9, 1.0]),
+    st.integers(1, 7),
+)
+def test_radix_selection_equals_kthvalue_over_pieces(values, density, num_pieces):
+    x = torch.tensor(values, dtype=torch.float32)
+    rank = kth_rank(x.numel(), density)
+    expected = None if rank == 0 else x.abs().kthvalue(rank).values.item()
+    assert radix_threshold(list(x.tensor_split(num_pieces)), density) == expected
+
+
+def test_kth_rank_uses_int_of_the_double_product():
+    assert kth_rank(193_377, 0.2) == 154_702  # golden T4: int(d·p) = 38,675
+    assert kth_rank(113_448_705, 0.2) == 113_448_705 - 22_689_741
+    assert kth_rank(10, 1.0) == 0
+
+
+def test_ties_zero_majority_keeps_negative_entries():
+    """The reference's quirk: with a model-wide majority of 0, s = 0 coordinates keep negative entries."""
+    taus = [torch.tensor([1.0, -1.0, 2.0]), torch.tensor([0.0, 0.0, -2.0])]
+    trimmed = trim(taus, [None, None])
+    signs = elect_sign(trimmed)
+    assert signs.tolist() == [1.0, -1.0, 0.0]
+    resolved = resolve_zero_signs(signs, majority=int(signs.sum().sign()))
+    assert disjoint_merge(trimmed, resolved, "sum").tolist() == [1.0, -1.0, -2.0]
+    assert disjoint_merge(trimmed, resolved, "mean").tolist() == [1.0, -1.0, -2.0]
+    assert disjoint_merge(trimmed, resolved, "max").tolist() == [1.0, -1.0, 0.0]
+
+
+def test_ties_mean_divides_by_agreeing_nonzero_entries():
+    taus = [torch.tensor([3.0, 1.0]), torch.tensor([1.0, -5.0]), torch.tensor([0.0, -1.0])]
+    signs = elect_sign(taus)
+    assert disjoint_merge(taus, signs, "mean").tolist() == [2.0, -3.0]
+
+
+def test_ties_negative_majority_resolves_cancellations_through_the_engine(tmp_path):
+    """Coordinate 3 cancels (+1 − 1); three coordinates vote −1, so it keeps the negative entry."""
+    base = {"w": torch.zeros(4)}
+    models = [{"w": torch.tensor([-1.0, -1.0, -1.0, 1.0])}, {"w": torch.tensor([-1.0, -1.0, -1.0, -1.0])}]
+    save_file(base, tmp_path / "base.safetensors")
+    for i, m in enumerate(models):
+        save_file(m, tmp_path / f"t{i}.safetensors")
+    recipe = parse_recipe(
+        {
+            "version": 1,
+            "base": str(tmp_path / "base.safetensors"),
+            "models": [str(tmp_path / "t0.safetensors"), str(tmp_path / "t1.safetensors")],
+            "method": "ties",
+            "parameters": {"density": 1.0, "merge": "sum"},
+        }
+    )
+    result = run_recipe(recipe, output=tmp_path / "out")
+    assert result.record["stats"]["ties_sign_total"] == -3
+    assert load_file(tmp_path / "out" / "model.safetensors")["w"].tolist() == [-2.0, -2.0, -2.0, -1.0]
+
+
+def test_tall_mask_is_strict_and_uses_weight_form():
+    base = torch.tensor([0.5, 0.5, 0.5, 0.5])
+    finetuned = torch.tensor([0.5, 0.75, 1.0, 0.25])
+    tau_mtl = torch.tensor([0.0, 0.25, 1.0, 0.25])
+    assert tall_mask(base, finetuned, tau_mtl, 0.0).tolist() == [False, True, True, True]
+    # |θ0 − θ| vs λ·|θ0 + τ_MTL − θ|: [0 > 0, .25 > 0, .5 > .25, .25 > .25]
+    assert tall_mask(base, finetuned, tau_mtl, 0.5).tolist() == [False, True, True, False]
+
+
+def test_lambda_multiplies_in_float32():
+    """A float64 product rounded afterwards flips near-tie bits; the reference multiplies in float32."""
+    lam = 0.6
+    distance = torch.rand(10_000, generator=torch.Generator().manual_seed(0))
+    product32 = distance * lam
+    product64 = (distance.double() * lam).float()
+    # θ0 = λ·distance (float32), θ_t = 0, τ_MTL = distance − θ0 (exact by Sterbenz since λ >= 1/2), so
+    # |θ0 − θ_t| equals the float32 product exactly: a strict > never holds.
+    mask = tall_mask(product32, torch.zeros(10_000), distance - product32, lam)
+    assert not bool(mask.any())
+    assert bool((product32 > product64).any()), "a float64 product would have set some of these bits"
+
+
+def test_consensus_and_agreement_counts():
+    masks = [torch.tensor([1, 1, 0, 0], dtype=torch.bool), torch.tensor([1, 0, 1, 0], dtype=torch.bool)]
+    count = mask_count(masks)
+    assert count.tolist() == [2, 1, 1, 0]
+    assert consensus_mask(count, 2).tolist() == [True, False, False, False]
+    assert consensus_mask(count, 0).all() and not consensus_mask(count, 3).any()
+    assert agreement_histogram(count, 2).tolist() == [1, 2, 1]
+
+
+def test_task_order_sum_is_sequential():
+    parts = [torch.tensor([1e8]), torch.tensor([1.0]), torch.tensor([-1e8])]
+    assert sum_in_task_order(parts).item() == 0.0  # (1e8 + 1) rounds to 1e8 in float32
+
+
+@settings(max_examples=100, deadline=None)
+@given(st.integers(0, 100), st.integers(0, 2**16))
+def test_pack_bits_matches_numpy_packbits(numel, seed):
+    mask = torch.rand(numel, generator=torch.Generator().manual_seed(seed)) < 0.3
+    packed = pack_bits(mask)
+    assert packed.numpy().tobytes() == np.packbits(mask.numpy()).tobytes()
+    assert torch.equal(unpack_bits(packed, numel), mask)
+
+
+@pytest.mark.parametrize("shape", [(), (5,), (100, 3), (7, 9), (1000, 1), (3, 4, 5)])
+@pytest.mark.parametrize("block_entries", [1, 10, 64, 1 << 22])
+def test_row_blocks_cover_rows_in_multiples_of_eight_entries(shape, block_entries):
+    info = TensorInfo(shape, torch.float32)
+    blocks = row_blocks(info, block_entries)
+    if blocks == [None]:
+        return
+    row = info.numel // shape[0]
+    assert blocks[0][0] == 0 and blocks[-1][1] == shape[0]
+    for (_, stop), (start, _) in zip(blocks, blocks[1:], strict=False):
+        assert stop == start
+    assert all((stop - start) * row % 8 == 0 for start, stop in blocks[:-1])
+
+
+def test_defaults_are_the_reference_settings():
+    def resolved(method, params=None):
+        return METHODS[method].resolved_parameters(params or {}, ["a", "b"])
+
+    assert resolved("ties") == {"density": 0.2, "merge": "mean", "trim": "global", "scaling": 1.0}
+    assert resolved("tall_masks", {"merge": "ties"})["ties"] == {"density": 0.2, "merge": "sum", "trim": "global"}
+    assert resolved("consensus") == {"merge": "task_arithmetic", "lambda": 0.4, "k": 2, "scaling": 1.0}
+    assert resolved("magnitude_masking") == {"density": 0.1}
+    assert METHODS["weight_average"].spec({}, ["a", "b", "c"]).scaling == 1.0 / 3
