@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-import time
 from dataclasses import dataclass
 
 import torch
@@ -60,7 +59,9 @@ def finetune(
             schedule.step()
             step += 1
             loss_sum += loss.item()
-        print(f"    epoch {epoch + 1}/{settings.epochs}: mean loss {loss_sum / steps_per_epoch:.4f}", flush=True)
+        print(
+            f"    epoch {epoch + 1}/{settings.epochs}: mean loss {loss_sum / steps_per_epoch:.4f}", flush=True
+        )
     model.eval()
     return step
 

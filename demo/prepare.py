@@ -23,6 +23,7 @@ from textcls import (
     LOGIT_SCALE,
     MAX_LENGTH_RANGE,
     accuracy,
+    configure_torch,
     label_embeddings,
     load_encoder,
     load_task,
@@ -90,8 +91,7 @@ def run_task(task_dir: Path, base: torch.nn.Module, tokenizer: transformers.PreT
 def main() -> None:
     """Build data, export the base, fine-tune what is stale, and write the report."""
     started = time.perf_counter()
-    torch.set_num_threads(THREADS)
-    transformers.utils.logging.disable_progress_bar()
+    configure_torch(THREADS)
     STAMP_DIR.mkdir(parents=True, exist_ok=True)
 
     print(f"building tasks in {DATA_DIR}", flush=True)

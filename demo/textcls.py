@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+import transformers
 from transformers import AutoModel, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
 LOGIT_SCALE = 20.0  # temperature 0.05
@@ -40,6 +41,15 @@ class Task:
     @property
     def label_texts(self) -> list[str]:
         return self.meta["label_texts"]
+
+
+def configure_torch(threads: int = 2) -> None:
+    """Process-wide CPU settings for fine-tuning and evaluation."""
+    torch.set_num_threads(threads)
+    # Denormal intermediates made CPU steps up to 10x slower here (30 steps: 105 s vs 18 s flushed);
+    # values below 1e-38 are far under the resolution of fp32 weights, so results do not change.
+    torch.set_flush_denormal(True)
+    transformers.utils.logging.disable_progress_bar()
 
 
 def load_split(path: Path) -> Split:
@@ -74,7 +84,9 @@ def mean_pool(model: PreTrainedModel, batch: dict[str, torch.Tensor]) -> torch.T
     return (hidden * mask).sum(1) / mask.sum(1).clamp(min=1.0)
 
 
-def encode_batch(tokenizer: PreTrainedTokenizerBase, texts: list[str], max_length: int) -> dict[str, torch.Tensor]:
+def encode_batch(
+    tokenizer: PreTrainedTokenizerBase, texts: list[str], max_length: int
+) -> dict[str, torch.Tensor]:
     """Pad to the longest text of the batch, truncate at ``max_length``."""
     return dict(tokenizer(texts, padding=True, truncation=True, max_length=max_length, return_tensors="pt"))
 

@@ -66,7 +66,9 @@ def assert_written_vector(
         assert out.dtype == torch.float32 and out.shape == v.shape, key
         want = b + v * scaling
         differing = int((out != want).sum())
-        assert differing == 0, f"{name} {key}: {differing} entries differ, max {float((out - want).abs().max())}"
+        assert differing == 0, (
+            f"{name} {key}: {differing} entries differ, max {float((out - want).abs().max())}"
+        )
         zero = v == 0
         assert torch.equal(out[zero], b[zero]), f"{name} {key}: entries with v = 0 changed θ0"
         spacing = torch.nextafter(b.abs(), torch.tensor(float("inf"))) - b.abs()

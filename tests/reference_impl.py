@@ -61,7 +61,8 @@ def reference_outputs(
 
     def keep_of(density: float, trim: str = "global") -> torch.Tensor:
         rows = [
-            topk_keep(tau, density) if trim == "global" else per_tensor_keep(tau, sizes, density) for tau in taus
+            topk_keep(tau, density) if trim == "global" else per_tensor_keep(tau, sizes, density)
+            for tau in taus
         ]
         return torch.stack(rows)
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import itertools
+
 import numpy as np
 import pytest
 import torch
@@ -42,7 +44,12 @@ def radix_threshold(pieces: list[torch.Tensor], density: float) -> float | None:
 
 @pytest.mark.parametrize(
     ("values", "density", "kept"),
-    [(list(range(1, 11)), 0.2, 3), ([1, 2, 2, 2, 3], 0.2, 4), ([0, 0, 0, 0, 5], 0.2, 5), ([4, -4, 1], 1.0, 3)],
+    [
+        (list(range(1, 11)), 0.2, 3),
+        ([1, 2, 2, 2, 3], 0.2, 4),
+        ([0, 0, 0, 0, 5], 0.2, 5),
+        ([4, -4, 1], 1.0, 3),
+    ],
 )
 def test_topk_keeps_ties_at_the_threshold(values, density, kept):
     x = torch.tensor(values, dtype=torch.float32)
@@ -55,7 +62,11 @@ floats = st.floats(allow_nan=False, allow_infinity=False, width=32)
 
 @settings(max_examples=200, deadline=None)
 @given(
-    st.lists(st.one_of(floats, st.sampled_from([0.0, -0.0, 2.0**-12, -(2.0**-12), 1e-40])), min_size=1, max_size=300),
+    st.lists(
+        st.one_of(floats, st.sampled_from([0.0, -0.0, 2.0**-12, -(2.0**-12), 1e-40])),
+        min_size=1,
+        max_size=300,
+    ),
     st.sampled_from([0.01, 0.1, 0.2, 0.5, 0.9, 1.0]),
     st.integers(1, 7),
 )
@@ -165,7 +176,7 @@ def test_row_blocks_cover_rows_in_multiples_of_eight_entries(shape, block_entrie
         return
     row = info.numel // shape[0]
     assert blocks[0][0] == 0 and blocks[-1][1] == shape[0]
-    for (_, stop), (start, _) in zip(blocks, blocks[1:], strict=False):
+    for (_, stop), (start, _) in itertools.pairwise(blocks):
         assert stop == start
     assert all((stop - start) * row % 8 == 0 for start, stop in blocks[:-1])
 
@@ -175,7 +186,11 @@ def test_defaults_are_the_reference_settings():
         return METHODS[method].resolved_parameters(params or {}, ["a", "b"])
 
     assert resolved("ties") == {"density": 0.2, "merge": "mean", "trim": "global", "scaling": 1.0}
-    assert resolved("tall_masks", {"merge": "ties"})["ties"] == {"density": 0.2, "merge": "sum", "trim": "global"}
+    assert resolved("tall_masks", {"merge": "ties"})["ties"] == {
+        "density": 0.2,
+        "merge": "sum",
+        "trim": "global",
+    }
     assert resolved("consensus") == {"merge": "task_arithmetic", "lambda": 0.4, "k": 2, "scaling": 1.0}
     assert resolved("magnitude_masking") == {"density": 0.1}
     assert METHODS["weight_average"].spec({}, ["a", "b", "c"]).scaling == 1.0 / 3

@@ -106,7 +106,9 @@ def make_models(problem: dict) -> tuple[dict, list[dict]]:
 def save_sharded(state: dict, directory: Path, shards: int, seed: int) -> None:
     """File order is a permutation of the keys, so sorted order differs from storage order."""
     directory.mkdir(parents=True)
-    order = [list(state)[i] for i in torch.randperm(len(state), generator=torch.Generator().manual_seed(seed))]
+    order = [
+        list(state)[i] for i in torch.randperm(len(state), generator=torch.Generator().manual_seed(seed))
+    ]
     groups = [order[i::shards] for i in range(shards) if order[i::shards]]
     if len(groups) == 1:
         save_file({k: state[k] for k in groups[0]}, directory / "model.safetensors")
@@ -155,7 +157,9 @@ def test_streaming_equals_whole_model(problem):
 
         def expected_model(vector: torch.Tensor, scaling: float) -> dict:
             merged = unflatten(ref["theta0"] + vector * scaling, base, keys)
-            return {k: v.to(problem["dtype"]) for k, v in merged.items()} | {"buffers.ids": base["buffers.ids"]}
+            return {k: v.to(problem["dtype"]) for k, v in merged.items()} | {
+                "buffers.ids": base["buffers.ids"]
+            }
 
         if result.record["result"] == "merged":
             written = load_dir(root / "out")
