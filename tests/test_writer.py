@@ -1,0 +1,110 @@
+"""Streaming safetensors files and all-or-nothing output directories."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from hubmerge import parse_recipe, run_recipe
+from hubmerge.engine import Engine
+from hubmerge.errors import HubmergeError
+from hubmerge.writer import SafetensorsStream, ShardedStream, Slot, SpooledSafetensors, atomic_directory
+from tests.golden import recipe
+
+
+def test_stream_written_in_pieces_loads_with_safetensors(tmp_path):
+    tensors = {
+        "b": torch.arange(12, dtype=torch.float32).reshape(4, 3),
+        "a": torch.tensor(2.5, dtype=torch.bfloat16),
+        "empty": torch.zeros(0, 3),
+        "c": torch.arange(5, dtype=torch.int64),
+    }
+    stream = SafetensorsStream(
+        tmp_path / "x.safetensors", [Slot(k, v.dtype, tuple(v.shape)) for k, v in tensors.items()]
+    )
+    stream.write("b", tensors["b"][:1])
+    stream.write("b", tensors["b"][1:])
+    stream.write("a", tensors["a"])
+    stream.write("c", tensors["c"])
+    stream.close()
+    loaded = load_file(tmp_path / "x.safetensors")
+    assert loaded.keys() == tensors.keys()
+    for k, v in tensors.items():
+        assert loaded[k].dtype == v.dtype and torch.equal(loaded[k], v), k
+
+
+def test_stream_refuses_out_of_order_and_incomplete_files(tmp_path):
+    slots = [Slot("a", torch.float32, (2,)), Slot("b", torch.float32, (2,))]
+    stream = SafetensorsStream(tmp_path / "x.safetensors", slots)
+    with pytest.raises(RuntimeError, match="expected 'a'"):
+        stream.write("b", torch.zeros(2))
+    with pytest.raises(RuntimeError, match="float32"):
+        stream.write("a", torch.zeros(2, dtype=torch.float16))
+    stream.write("a", torch.zeros(2))
+    with pytest.raises(RuntimeError, match="closed before b"):
+        stream.close()
+
+
+def test_sharded_stream_gives_oversized_tensors_their_own_shard(tmp_path):
+    tensors = {"a": torch.ones(4), "big": torch.arange(64, dtype=torch.float32), "c": torch.full((4,), 3.0)}
+    stream = ShardedStream(tmp_path, [Slot(k, v.dtype, tuple(v.shape)) for k, v in tensors.items()], 40)
+    for k, v in tensors.items():
+        stream.write(k, v)
+    stream.close()
+    index = json.loads((tmp_path / "model.safetensors.index.json").read_text())
+    assert index["metadata"]["total_size"] == 4 * 72
+    assert len(set(index["weight_map"].values())) == 2
+    loaded = {}
+    for name in set(index["weight_map"].values()):
+        loaded.update(load_file(tmp_path / name))
+    assert all(torch.equal(loaded[k], v) for k, v in tensors.items())
+
+
+def test_spooled_file_of_unknown_lengths(tmp_path):
+    spool = SpooledSafetensors(tmp_path / "v.safetensors", torch.float32)
+    spool.write("k1", torch.tensor([1.0, 2.0]))
+    spool.write("k1", torch.tensor([3.0]))
+    spool.write("k2", torch.tensor([]))
+    with pytest.raises(RuntimeError, match="consecutively"):
+        spool.write("k1", torch.tensor([4.0]))
+    spool.close()
+    loaded = load_file(tmp_path / "v.safetensors")
+    assert loaded["k1"].tolist() == [1.0, 2.0, 3.0] and loaded["k2"].numel() == 0
+    assert [p.name for p in tmp_path.iterdir()] == ["v.safetensors"]
+
+
+def test_atomic_directory_leaves_nothing_on_failure_and_keeps_the_previous_output(tmp_path):
+    target = tmp_path / "out"
+    with pytest.raises(ValueError), atomic_directory(target, overwrite=False) as staging:
+        (staging / "half.bin").write_bytes(b"x")
+        raise ValueError("crash")
+    assert list(tmp_path.iterdir()) == []
+    with atomic_directory(target, overwrite=False) as staging:
+        (staging / "first").write_text("1")
+    with pytest.raises(ValueError), atomic_directory(target, overwrite=True) as staging:
+        (staging / "second").write_text("2")
+        raise ValueError("crash")
+    assert [p.name for p in tmp_path.iterdir()] == ["out"]
+    assert [p.name for p in target.iterdir()] == ["first"]
+    with pytest.raises(HubmergeError, match="not empty"), atomic_directory(target, overwrite=False):
+        pass
+
+
+def test_run_interrupted_mid_stream_writes_nothing(tmp_path, monkeypatch):
+    """A failure after some tensors were written (here: the 5th piece) leaves no output and no partial files."""
+    calls = []
+    original = Engine.compute
+
+    def failing(self, *args):
+        calls.append(1)
+        if len(calls) == 5:
+            raise KeyboardInterrupt
+        return original(self, *args)
+
+    monkeypatch.setattr(Engine, "compute", failing)
+    with pytest.raises(KeyboardInterrupt):
+        run_recipe(parse_recipe(recipe("tall_masks")), output=tmp_path / "out")
+    assert list(tmp_path.iterdir()) == []
