@@ -275,12 +275,13 @@ def resolve_source(spec: str, *, token: str | None = None, endpoint: str | None 
         raise HubmergeError(f"{spec}: revision {revision!r} not found in {repo_id}") from None
     except hf_errors.RepositoryNotFoundError:
         raise HubmergeError(
-            f"{spec}: repository not found (or private: set HF_TOKEN or run `hf auth login`)"
+            f"{spec}: no such local path, and no such Hub repository "
+            "(or it is private: set HF_TOKEN or run `hf auth login`)"
         ) from None
     except hf_errors.LocalEntryNotFoundError:
         raise HubmergeError(
-            f"{spec}: not in the local cache and the Hub cannot be reached "
-            "(connect, or download it first; HF_HUB_OFFLINE=1 reads only the cache)"
+            f"{spec}: no such local path, and the Hub repository is not in the local cache while the Hub "
+            "cannot be reached (connect, or download it first; HF_HUB_OFFLINE=1 reads only the cache)"
         ) from None
     except hf_errors.HfHubHTTPError as err:
         raise HubmergeError(f"{spec}: Hub error: {err}") from None
