@@ -300,8 +300,8 @@ def support_files(directory: Path) -> list[Path]:
 
 def check_compatible(base: Checkpoint, models: list[Checkpoint], names: list[str]) -> None:
     """Every model must have exactly the base's tensors, shapes and float-ness; raises naming the first diffs."""
-    if not any(info.is_float for info in base.infos.values()):
-        raise HubmergeError(f"base {base.name}: has no floating-point tensors, nothing to merge")
+    if not any(info.is_float and info.numel for info in base.infos.values()):
+        raise HubmergeError(f"base {base.name}: has no floating-point weights, nothing to merge")
 
     def head(keys: list[str]) -> str:
         shown = ", ".join(keys[:3])

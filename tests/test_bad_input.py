@@ -267,7 +267,7 @@ def test_base_without_float_tensors(ws: Workspace) -> None:
     base = save_model(ws.root / "models" / "int_base", ints)
     ft = save_model(ws.root / "models" / "int_ft", {k: v + 1 for k, v in ints.items()})
     ws.write(base=str(base), models=[str(ft)], method="task_arithmetic")
-    refused_without_writing(ws, str(base), "no floating-point tensors")
+    refused_without_writing(ws, str(base), "no floating-point weights")
 
 
 def test_not_a_weights_file(ws: Workspace) -> None:

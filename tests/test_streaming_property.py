@@ -1,6 +1,6 @@
 """Property: the streaming engine equals a whole-model implementation on random small models.
 
-Random key names (sorted order differs from file order), 0-d tensors, dyadic values (ties at thresholds, exact
+Random key names (sorted order differs from file order), 0-d and empty tensors, dyadic values (ties at thresholds, exact
 cancellations), bf16 inputs, sharded inputs, a non-float buffer, and row blocks down to one entry.
 """
 
@@ -18,7 +18,7 @@ from safetensors.torch import load_file, save_file
 from hubmerge import CompressedMerge, parse_recipe, run_recipe
 from tests.reference_impl import reference_outputs, unflatten
 
-SHAPES = [(), (1,), (7,), (3, 5), (9, 4), (2, 3, 4), (17, 3), (8, 2)]
+SHAPES = [(), (1,), (7,), (3, 5), (9, 4), (2, 3, 4), (17, 3), (8, 2), (0,), (0, 3)]
 KEY = st.from_regex(r"[a-z]{1,3}\.(1[0-2]|[0-9])\.[a-z]{1,4}", fullmatch=True)
 
 
