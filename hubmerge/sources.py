@@ -7,11 +7,12 @@ import json
 import os
 import pickle
 import re
+import struct
+import weakref
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError, safe_open
 
 from hubmerge.errors import HubmergeError
 from hubmerge.recipe import is_hub_id, split_revision
@@ -99,7 +100,7 @@ class Checkpoint:
     weight_files: list[Path]
     infos: dict[str, TensorInfo] = field(default_factory=dict)
     _key_file: dict[str, Path] = field(default_factory=dict)
-    _handles: dict[Path, object] = field(default_factory=dict)
+    _readers: dict[Path, SafetensorsReader | PickledReader] = field(default_factory=dict)
 
     @property
     def name(self) -> str:
@@ -116,30 +117,96 @@ class Checkpoint:
 
     def read(self, key: str, rows: tuple[int, int] | None = None) -> torch.Tensor:
         """One tensor, or the row range [start, stop) of its first dimension, as stored (no upcast)."""
-        handle = self._handle(self._key_file[key])
-        if isinstance(handle, dict):
-            tensor = handle[key]
-            return tensor if rows is None or tensor.dim() == 0 else tensor[rows[0] : rows[1]]
-        if rows is None or not self.infos[key].shape:
-            return handle.get_tensor(key)
-        return handle.get_slice(key)[rows[0] : rows[1]]
+        return self._reader(self._key_file[key]).read(key, rows)
 
-    def _handle(self, path: Path) -> object:
-        if path not in self._handles:
-            self._handles[path] = _open_weights(path)
-        return self._handles[path]
+    def _reader(self, path: Path) -> SafetensorsReader | PickledReader:
+        if path not in self._readers:
+            self._readers[path] = (
+                SafetensorsReader(path) if path.suffix == ".safetensors" else PickledReader(path)
+            )
+        return self._readers[path]
 
     def close(self) -> None:
-        self._handles.clear()
+        for reader in self._readers.values():
+            reader.close()
+        self._readers.clear()
 
 
-def _open_weights(path: Path) -> object:
-    if path.suffix == ".safetensors":
-        try:
-            return safe_open(str(path), framework="pt")
-        except (SafetensorError, OSError) as err:
-            raise HubmergeError(f"{path}: not a readable safetensors file ({err})") from None
-    return _load_pickled_weights(path)
+class SafetensorsReader:
+    """A safetensors file read with positioned reads instead of a memory map.
+
+    A memory-mapped file keeps every page it has read counted in the process's resident memory until it is
+    closed, so a merge that maps T+1 checkpoints shows (T+1) × model size of RSS. Reading the byte range of
+    each piece into a fresh buffer keeps resident memory at the pieces in use.
+    """
+
+    MAX_HEADER = 100_000_000
+
+    def __init__(self, path: Path):
+        self.path = path
+        size = path.stat().st_size
+        with open(path, "rb") as f:
+            prefix = f.read(8)
+            header_size = struct.unpack("<Q", prefix)[0] if len(prefix) == 8 else -1
+            if not 0 < header_size <= min(self.MAX_HEADER, size - 8):
+                raise HubmergeError(f"{path}: not a safetensors file (bad header size)")
+            try:
+                header = json.loads(f.read(header_size))
+            except (json.JSONDecodeError, UnicodeDecodeError) as err:
+                raise HubmergeError(f"{path}: not a safetensors file (unreadable header: {err})") from None
+        self._data_start = 8 + header_size
+        self.infos: dict[str, TensorInfo] = {}
+        self._offsets: dict[str, int] = {}
+        for key, entry in header.items():
+            if key == "__metadata__":
+                continue
+            try:
+                dtype = SAFETENSORS_DTYPES[entry["dtype"]]
+                info = TensorInfo(tuple(int(n) for n in entry["shape"]), dtype)
+                start, end = (int(n) for n in entry["data_offsets"])
+            except (KeyError, TypeError, ValueError):
+                raise HubmergeError(f"{path}: tensor {key!r} has an unsupported or malformed entry") from None
+            if end - start != info.nbytes or self._data_start + end > size:
+                raise HubmergeError(f"{path}: tensor {key!r} has data offsets outside the file")
+            self.infos[key] = info
+            self._offsets[key] = start
+        self._fd = os.open(path, os.O_RDONLY)
+        self._finalizer = weakref.finalize(self, os.close, self._fd)
+
+    def read(self, key: str, rows: tuple[int, int] | None = None) -> torch.Tensor:
+        info = self.infos[key]
+        offset, shape = self._data_start + self._offsets[key], info.shape
+        if rows is not None and shape:
+            row_bytes = info.nbytes // shape[0] if shape[0] else 0
+            offset += rows[0] * row_bytes
+            shape = (rows[1] - rows[0], *shape[1:])
+        piece = TensorInfo(shape, info.dtype)
+        buffer = torch.empty(piece.nbytes, dtype=torch.uint8)
+        view, done = memoryview(buffer.numpy()), 0
+        while done < piece.nbytes:
+            got = os.preadv(self._fd, [view[done:]], offset + done)
+            if got == 0:
+                raise HubmergeError(f"{self.path}: file ended while reading {key!r}")
+            done += got
+        return buffer.view(info.dtype).reshape(shape)
+
+    def close(self) -> None:
+        self._finalizer()
+
+
+class PickledReader:
+    """A .bin checkpoint loaded through torch's weights-only unpickler (memory-mapped when possible)."""
+
+    def __init__(self, path: Path):
+        self._tensors = _load_pickled_weights(path)
+        self.infos = {k: TensorInfo(tuple(v.shape), v.dtype) for k, v in self._tensors.items()}
+
+    def read(self, key: str, rows: tuple[int, int] | None = None) -> torch.Tensor:
+        tensor = self._tensors[key]
+        return tensor if rows is None or tensor.dim() == 0 else tensor[rows[0] : rows[1]]
+
+    def close(self) -> None:
+        self._tensors = {}
 
 
 def _load_pickled_weights(path: Path) -> dict[str, torch.Tensor]:
@@ -206,17 +273,7 @@ def open_local(path: Path, provenance: Provenance) -> Checkpoint:
     """Index a local model directory or weights file: reads headers only."""
     ckpt = Checkpoint(provenance=provenance, root=path, weight_files=_weight_files(path))
     for f in ckpt.weight_files:
-        handle = ckpt._handle(f)
-        if isinstance(handle, dict):
-            items = [(k, TensorInfo(tuple(v.shape), v.dtype)) for k, v in handle.items()]
-        else:
-            items = []
-            for k in handle.keys():  # noqa: SIM118 - safe_open is not iterable
-                piece = handle.get_slice(k)
-                dtype = SAFETENSORS_DTYPES.get(piece.get_dtype())
-                if dtype is None:
-                    raise HubmergeError(f"{f}: tensor {k!r} has unsupported dtype {piece.get_dtype()}")
-                items.append((k, TensorInfo(tuple(piece.get_shape()), dtype)))
+        items = ckpt._reader(f).infos.items()
         for k, info in items:
             if k in ckpt.infos:
                 raise HubmergeError(f"{path}: tensor {k!r} appears in more than one shard")
