@@ -20,6 +20,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from safetensors import safe_open
 
@@ -43,25 +44,15 @@ VALUE_DIR = "values"
 PACKING = "per tensor, row-major, 8 entries per byte, big-endian bit order (numpy.packbits), zero-padded"
 OUTPUT_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
-_BIT_WEIGHTS = torch.tensor([128, 64, 32, 16, 8, 4, 2, 1], dtype=torch.uint8)
-_BIT_SHIFTS = torch.tensor([7, 6, 5, 4, 3, 2, 1, 0], dtype=torch.uint8)
-
 
 def pack_bits(mask: torch.Tensor) -> torch.Tensor:
-    """Bool mask -> uint8, 8 entries per byte, first entry in the most significant bit (numpy.packbits)."""
-    flat = mask.reshape(-1).to(torch.uint8)
-    pad = -flat.numel() % 8
-    if pad:
-        flat = torch.cat([flat, flat.new_zeros(pad)])
-    weights = _BIT_WEIGHTS.to(flat.device)
-    return (flat.view(-1, 8) * weights).sum(dim=1, dtype=torch.uint8)
+    """Bool mask -> uint8 on the CPU, 8 entries per byte, first entry in the most significant bit."""
+    return torch.from_numpy(np.packbits(mask.reshape(-1).cpu().numpy()))
 
 
 def unpack_bits(packed: torch.Tensor, numel: int) -> torch.Tensor:
     """Inverse of `pack_bits`: the first `numel` entries as a flat bool tensor."""
-    shifts = _BIT_SHIFTS.to(packed.device)
-    bits = (packed.reshape(-1, 1) >> shifts) & 1
-    return bits.reshape(-1)[:numel].bool()
+    return torch.from_numpy(np.unpackbits(packed.cpu().numpy(), count=numel).astype(bool))
 
 
 def packed_size(numel: int) -> int:
@@ -129,7 +120,7 @@ class ArtifactWriter:
         if self._vector is not None:
             self._vector.write(key, tau_mtl.to("cpu"))
         for stream, mask in zip(self._masks, masks, strict=True):
-            stream.write(key, pack_bits(mask).to("cpu"))
+            stream.write(key, pack_bits(mask))
         for spool, mask, tau in zip(self._values, masks, taus, strict=False):
             spool.write(key, tau.reshape(-1)[mask.reshape(-1)].to("cpu"))
 

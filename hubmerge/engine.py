@@ -25,7 +25,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from hubmerge.artifacts import ArtifactWriter, output_dtype, storage_summary
 from hubmerge.errors import HubmergeError
 from hubmerge.methods import METHODS, MergeSpec
-from hubmerge.methods.tall import agreement_histogram, consensus_mask, mask_count, tall_mask
+from hubmerge.methods.tall import agreement_histograms, consensus_mask, mask_count, tall_masks
 from hubmerge.methods.task_arithmetic import apply_vector, sum_in_task_order, task_vectors
 from hubmerge.methods.ties import disjoint_merge, elect_sign, resolve_zero_signs, sign_count, trim
 from hubmerge.methods.topk import (
@@ -317,27 +317,23 @@ class Engine:
             tau_mtl = disjoint_merge(trimmed, signs, spec.ties.merge)
         masks: list[torch.Tensor] = []
         if spec.masks == "tall":
-            masks = [
-                tall_mask(base, theta, tau_mtl, lam) for theta, lam in zip(thetas, spec.lambdas, strict=True)
-            ]
+            masks = tall_masks(base, thetas, tau_mtl, spec.lambdas)
         elif spec.masks == "magnitude":
             masks = [topk_mask(tau, thr) for tau, thr in zip(taus, self._thresholds_for(key), strict=True)]
         if masks:
-            self._record_masks(masks, taus)
+            count = mask_count(masks)
+            self._record_masks(masks, count, taus)
             if spec.consensus_k is not None:
-                keep = consensus_mask(mask_count(masks), spec.consensus_k)
+                keep = consensus_mask(count, spec.consensus_k)
                 self.stats.consensus_kept += int(keep.sum())
                 tau_mtl = tau_mtl * keep
         return tau_mtl, masks, taus
 
-    def _record_masks(self, masks: list[torch.Tensor], taus: list[torch.Tensor]) -> None:
-        t = len(masks)
-        count = mask_count(masks)
-        active = torch.zeros_like(count, dtype=torch.bool)
-        for tau in taus:
+    def _record_masks(self, masks: list[torch.Tensor], count: torch.Tensor, taus: list[torch.Tensor]) -> None:
+        active = taus[0] != 0
+        for tau in taus[1:]:
             active |= tau != 0
-        hist = agreement_histogram(count, t).cpu()
-        hist_active = agreement_histogram(count[active], t).cpu()
+        hist, hist_active = (h.cpu() for h in agreement_histograms(count, active, len(masks)))
         kept = [int(m.sum()) for m in masks]
         if self.stats.histogram is None:
             self.stats.histogram, self.stats.histogram_active, self.stats.kept = hist, hist_active, kept

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import itertools
 
-import numpy as np
 import pytest
 import torch
 from hypothesis import given, settings
@@ -15,7 +14,7 @@ from hubmerge import parse_recipe, run_recipe
 from hubmerge.artifacts import pack_bits, unpack_bits
 from hubmerge.engine import row_blocks
 from hubmerge.methods import METHODS
-from hubmerge.methods.tall import agreement_histogram, consensus_mask, mask_count, tall_mask
+from hubmerge.methods.tall import agreement_histograms, consensus_mask, mask_count, tall_masks
 from hubmerge.methods.task_arithmetic import sum_in_task_order
 from hubmerge.methods.ties import disjoint_merge, elect_sign, resolve_zero_signs, trim
 from hubmerge.methods.topk import (
@@ -126,9 +125,10 @@ def test_tall_mask_is_strict_and_uses_weight_form():
     base = torch.tensor([0.5, 0.5, 0.5, 0.5])
     finetuned = torch.tensor([0.5, 0.75, 1.0, 0.25])
     tau_mtl = torch.tensor([0.0, 0.25, 1.0, 0.25])
-    assert tall_mask(base, finetuned, tau_mtl, 0.0).tolist() == [False, True, True, True]
+    at_zero, at_half = tall_masks(base, [finetuned, finetuned], tau_mtl, [0.0, 0.5])
+    assert at_zero.tolist() == [False, True, True, True]
     # |θ0 − θ| vs λ·|θ0 + τ_MTL − θ|: [0 > 0, .25 > 0, .5 > .25, .25 > .25]
-    assert tall_mask(base, finetuned, tau_mtl, 0.5).tolist() == [False, True, True, False]
+    assert at_half.tolist() == [False, True, True, False]
 
 
 def test_lambda_multiplies_in_float32():
@@ -139,7 +139,7 @@ def test_lambda_multiplies_in_float32():
     product64 = (distance.double() * lam).float()
     # θ0 = λ·distance (float32), θ_t = 0, τ_MTL = distance − θ0 (exact by Sterbenz since λ >= 1/2), so
     # |θ0 − θ_t| equals the float32 product exactly: a strict > never holds.
-    mask = tall_mask(product32, torch.zeros(10_000), distance - product32, lam)
+    (mask,) = tall_masks(product32, [torch.zeros(10_000)], distance - product32, [lam])
     assert not bool(mask.any())
     assert bool((product32 > product64).any()), "a float64 product would have set some of these bits"
 
@@ -150,7 +150,8 @@ def test_consensus_and_agreement_counts():
     assert count.tolist() == [2, 1, 1, 0]
     assert consensus_mask(count, 2).tolist() == [True, False, False, False]
     assert consensus_mask(count, 0).all() and not consensus_mask(count, 3).any()
-    assert agreement_histogram(count, 2).tolist() == [1, 2, 1]
+    all_entries, active = agreement_histograms(count, torch.tensor([True, True, False, False]), 2)
+    assert all_entries.tolist() == [1, 2, 1] and active.tolist() == [0, 1, 1]
 
 
 def test_task_order_sum_is_sequential():
@@ -158,12 +159,17 @@ def test_task_order_sum_is_sequential():
     assert sum_in_task_order(parts).item() == 0.0  # (1e8 + 1) rounds to 1e8 in float32
 
 
+def test_pack_bits_layout_is_big_endian_within_bytes():
+    mask = torch.tensor([1, 0, 0, 0, 0, 0, 0, 1, 1, 1, 0], dtype=torch.bool)
+    assert pack_bits(mask).tolist() == [0b10000001, 0b11000000]
+
+
 @settings(max_examples=100, deadline=None)
 @given(st.integers(0, 100), st.integers(0, 2**16))
-def test_pack_bits_matches_numpy_packbits(numel, seed):
+def test_unpack_bits_inverts_pack_bits(numel, seed):
     mask = torch.rand(numel, generator=torch.Generator().manual_seed(seed)) < 0.3
     packed = pack_bits(mask)
-    assert packed.numpy().tobytes() == np.packbits(mask.numpy()).tobytes()
+    assert packed.numel() == (numel + 7) // 8
     assert torch.equal(unpack_bits(packed, numel), mask)
 
 

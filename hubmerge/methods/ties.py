@@ -62,8 +62,9 @@ def disjoint_merge(trimmed: list[torch.Tensor], sign: torch.Tensor, merge: TiesM
     Returns:
         The merged task vector τ_MTL of this piece, float32.
     """
-    positive = sign > 0
-    selected = [tau * torch.where(positive, tau > 0, tau < 0) for tau in trimmed]
+    # keep τ > 0 where the sign is > 0 and τ < 0 elsewhere (sign 0 included): τ·direction > 0 does both
+    direction = torch.where(sign > 0, 1.0, -1.0)
+    selected = [tau * (tau * direction > 0) for tau in trimmed]
     if merge == "sum":
         return sum_in_task_order(selected)
     if merge == "mean":
