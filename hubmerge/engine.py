@@ -168,8 +168,9 @@ def plan_summary(job: MergeJob, block_entries: int = DEFAULT_BLOCK_ENTRIES) -> d
         "passes": passes,
         "bytes_to_read": float_bytes * len(passes) + copy_bytes,
         "output_bytes": output_bytes,
-        # T+1 stored pieces, their float32 copies, T task vectors and a few work buffers of one piece
-        "peak_memory_estimate": piece * 4 * (3 * t + 6),
+        # float32 pieces alive at once: T+1 inputs, T task vectors, a few work buffers; TIES adds T trimmed
+        # and T sign-selected vectors
+        "peak_memory_estimate": piece * 4 * ((5 if job.spec.vector == "ties" else 3) * t + 6),
     }
 
 
