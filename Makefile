@@ -17,8 +17,9 @@ $(VENV)/.installed: pyproject.toml
 
 demo: setup
 	$(PY) demo/prepare.py
-	$(VENV)/bin/hubmerge run demo/recipes/tall.yaml --overwrite
+	$(VENV)/bin/hubmerge run demo/recipes/tall.yaml --overwrite --quiet
 	$(VENV)/bin/hubmerge inspect out/demo-tall
+	$(VENV)/bin/hubmerge materialize out/demo-tall --task unicode_category --output out/demo-unicode_category --overwrite
 	$(VENV)/bin/hubmerge run demo/recipes/consensus.yaml --overwrite
 
 test: setup lint

