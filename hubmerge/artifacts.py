@@ -16,12 +16,14 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+from huggingface_hub import ModelHubMixin
 from safetensors import safe_open
 
 from hubmerge.errors import HubmergeError
@@ -38,9 +40,12 @@ from hubmerge.writer import (
 FORMAT = "hubmerge-compressed"
 FORMAT_VERSION = 1
 MANIFEST = "hubmerge.json"
+RECIPE_FILE = "hubmerge_recipe.yaml"  # the pinned recipe, in every output
 VECTOR_STEM = "tau_mtl"
 MASK_DIR = "masks"
 VALUE_DIR = "values"
+# Folder and file names of the artifact itself, which exported task subfolders must not take.
+RESERVED_NAMES = (MASK_DIR, VALUE_DIR, MANIFEST, RECIPE_FILE, "README.md", "mask_agreement.png")
 PACKING = "per tensor, row-major, 8 entries per byte, big-endian bit order (numpy.packbits), zero-padded"
 OUTPUT_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -150,33 +155,126 @@ def storage_summary(
     }
 
 
-class CompressedMerge:
+# What an artifact consists of; exported task subfolders and anything else in the repo are not downloaded.
+ARTIFACT_PATTERNS = [
+    MANIFEST,
+    RECIPE_FILE,
+    "README.md",
+    "mask_agreement.png",
+    f"{VECTOR_STEM}*.safetensors",
+    f"{VECTOR_STEM}.safetensors.index.json",
+    f"{MASK_DIR}/*.safetensors",
+    f"{VALUE_DIR}/*.safetensors",
+]
+
+
+class CompressedMerge(
+    ModelHubMixin,
+    library_name="hubmerge",
+    tags=["merge", "hubmerge"],
+):
     """A compressed merge (TALL masks, magnitude masking or pruning): rebuild any task's model from it.
 
+    A `huggingface_hub.ModelHubMixin`: `from_pretrained` takes a local artifact directory or a Hub repo id,
+    `save_pretrained` and `push_to_hub` write the artifact's files as they are.
+
     Example:
-        >>> merge = CompressedMerge.from_pretrained("out/tall")
+        >>> merge = CompressedMerge.from_pretrained("user/tall-masks-8tasks")
         >>> state_dict = merge.materialize("sst2")
     """
 
-    def __init__(self, directory: Path, manifest: dict[str, Any]):
-        self.directory = directory
-        self.manifest = manifest
-        self._base: Checkpoint | None = None
-
-    @classmethod
-    def from_pretrained(cls, path: str | Path) -> CompressedMerge:
-        """Open an artifact directory written by `hubmerge run` (the base is opened on first use)."""
-        directory = Path(path)
-        manifest_path = directory / MANIFEST
+    def __init__(self, directory: Path):
+        # Only a Path argument: the mixin would otherwise serialize JSON-able init arguments into config.json.
+        self.directory = Path(directory)
+        manifest_path = self.directory / MANIFEST
         if not manifest_path.is_file():
-            raise HubmergeError(f"{directory}: not a hubmerge artifact (no {MANIFEST})")
+            raise HubmergeError(f"{self.directory}: not a hubmerge artifact (no {MANIFEST})")
         manifest = json.loads(manifest_path.read_text())
         if manifest.get("format") != FORMAT or manifest.get("format_version") != FORMAT_VERSION:
             raise HubmergeError(
                 f"{manifest_path}: unsupported format {manifest.get('format')!r} "
                 f"version {manifest.get('format_version')!r}"
             )
-        return cls(directory, manifest)
+        self.manifest = manifest
+        self._base: Checkpoint | None = None
+        self._token: str | None = None
+        self._endpoint: str | None = None
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        pretrained_model_name_or_path: str | Path,
+        *,
+        revision: str | None = None,
+        token: str | None = None,
+        cache_dir: str | Path | None = None,
+        force_download: bool = False,
+        local_files_only: bool = False,
+        endpoint: str | None = None,
+    ) -> CompressedMerge:
+        """Open an artifact: a directory written by `hubmerge run`, or a Hub repo `org/name` at `revision`.
+
+        Only the artifact's files are downloaded (not exported task subfolders). The base model is fetched on
+        first use, at the commit the artifact pins, with the same `token` and `endpoint`.
+
+        Overrides the mixin's method, which first looks for a config.json that artifacts do not have (and,
+        offline, fails without it).
+        """
+        return cls._from_pretrained(
+            model_id=str(pretrained_model_name_or_path),
+            revision=revision,
+            cache_dir=cache_dir,
+            force_download=force_download,
+            local_files_only=local_files_only,
+            token=token,
+            endpoint=endpoint,
+        )
+
+    @classmethod
+    def _from_pretrained(
+        cls,
+        *,
+        model_id: str,
+        revision: str | None,
+        cache_dir: str | Path | None,
+        force_download: bool,
+        local_files_only: bool,
+        token: str | bool | None,
+        endpoint: str | None = None,
+        **_: Any,
+    ) -> CompressedMerge:
+        if Path(model_id).is_dir():
+            directory = Path(model_id)
+        else:
+            from huggingface_hub import snapshot_download
+
+            from hubmerge.hub import hub_errors
+
+            with hub_errors(model_id if revision is None else f"{model_id}@{revision}", endpoint):
+                directory = Path(
+                    snapshot_download(
+                        model_id,
+                        revision=revision,
+                        allow_patterns=ARTIFACT_PATTERNS,
+                        cache_dir=cache_dir,
+                        force_download=force_download,
+                        local_files_only=local_files_only,
+                        token=token,
+                        endpoint=endpoint,
+                    )
+                )
+        merge = cls(directory)
+        merge._token = token if isinstance(token, str) else None
+        merge._endpoint = endpoint
+        return merge
+
+    def _save_pretrained(self, save_directory: Path) -> None:
+        """Copy the artifact's files (exported task subfolders are not part of it)."""
+        for pattern in ARTIFACT_PATTERNS:
+            for path in sorted(self.directory.glob(pattern)):
+                target = save_directory / path.relative_to(self.directory)
+                target.parent.mkdir(parents=True, exist_ok=True)
+                shutil.copyfile(path, target)
 
     @property
     def tasks(self) -> list[str]:
@@ -191,7 +289,7 @@ class CompressedMerge:
         if self._base is None:
             info = self.manifest["base"]
             spec = f"{info['location']}@{info['revision']}" if info.get("revision") else info["location"]
-            self._base = resolve_source(spec)
+            self._base = resolve_source(spec, token=self._token, endpoint=self._endpoint)
         return self._base
 
     def _task_file(self, folder: str, task: str) -> Path:
@@ -233,7 +331,10 @@ class CompressedMerge:
         for key in sorted(base.infos):
             stored = base.read(key)
             if key not in masks:
-                yield key, stored
+                yield (
+                    key,
+                    stored.to(output_dtype(dtype, stored.dtype)) if stored.is_floating_point() else stored,
+                )
                 continue
             merged = stored.float()
             if own_values:

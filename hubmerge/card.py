@@ -3,9 +3,16 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 from typing import Any
 
 from huggingface_hub import ModelCard, ModelCardData
+
+from hubmerge.artifacts import MANIFEST, RECIPE_FILE
+from hubmerge.methods import METHODS
+
+CARD_FILE = "README.md"
+PLOT_FILE = "mask_agreement.png"
 
 PAPER = (
     "Ke Wang, Nikolaos Dimitriadis, Guillermo Ortiz-Jiménez, François Fleuret, Pascal Frossard. "
@@ -51,7 +58,23 @@ Parameters counted in d (every floating-point tensor of the base, sorted key ord
 ```python
 {{ usage }}
 ```
-{% endif %}{% if storage_rows %}
+{% endif %}{% if exported %}
+## Task models in subfolders
+
+Each task's model, rebuilt as θ0 + m_t ⊙ τ_MTL, is also stored as a plain transformers model in a subfolder,
+for users without hubmerge:
+
+```python
+from transformers import AutoModel
+
+model = AutoModel.from_pretrained("{{ repo }}", subfolder="{{ exported[0] }}")
+```
+
+| task | subfolder |
+|---|---|
+{% for name in exported -%}
+| {{ name }} | `{{ name }}/` |
+{% endfor %}{% endif %}{% if storage_rows %}
 ## Storage
 
 | what | bits | vs T fine-tuned fp32 copies |
@@ -63,6 +86,8 @@ Parameters counted in d (every floating-point tensor of the base, sorted key ord
 
 Entries contained in exactly c of the {{ num_tasks }} task masks (c = 0: "catastrophic", no task;
 c = 1: "selfish", one task). "Active" counts only entries where some task vector is nonzero.
+
+![Mask agreement histogram]({{ plot_file }})
 
 | c | entries | share | active entries |
 |---|---|---|---|
@@ -113,16 +138,35 @@ def storage_rows(storage: dict[str, Any]) -> list[tuple[str, int, str]]:
     return [(name, bits, f"{bits / reference:.3f}×") for name, bits in rows]
 
 
-def build_card(record: dict[str, Any], recipe_yaml: str, method_summary: str) -> ModelCard:
-    """The README.md of an output, from its run record and the resolved recipe."""
-    hub_ids = [s["location"] for s in [record["base"], *record["tasks"]] if s.get("revision")]
+def hub_ids(record: dict[str, Any]) -> list[str]:
+    """The Hub repos a merge comes from (base first), as the Hub expects them in `base_model`."""
+    sources = [record["base"], *record["tasks"]]
+    return list(dict.fromkeys(s["location"] for s in sources if s.get("revision")))
+
+
+def build_card(
+    record: dict[str, Any], recipe_yaml: str, *, repo_id: str | None = None, exported: list[str] | None = None
+) -> ModelCard:
+    """The README.md of an output, from its run record and the resolved recipe.
+
+    Args:
+        record: the run record (`hubmerge.json`).
+        recipe_yaml: the pinned recipe, pasted into the card.
+        repo_id: the Hub repo the card is for, shown in the usage snippets.
+        exported: tasks whose materialized models sit in subfolders.
+    """
     compressed = record["result"] == "compressed"
+    inherited = record.get("base_card", {})
     data = ModelCardData(
-        base_model=hub_ids or None,
+        base_model=hub_ids(record) or None,
         library_name="hubmerge" if compressed else ("transformers" if record.get("has_config") else None),
         tags=["merge", "hubmerge", record["method"]],
+        license=inherited.get("license"),
+        license_name=inherited.get("license_name"),
+        license_link=inherited.get("license_link"),
+        pipeline_tag=inherited.get("pipeline_tag"),
     )
-    if hub_ids:
+    if data.base_model:
         data.base_model_relation = "merge"
     sources = [{"role": "base", "name": "base", **record["base"]}] + [
         {"role": "task", **t} for t in record["tasks"]
@@ -130,6 +174,7 @@ def build_card(record: dict[str, Any], recipe_yaml: str, method_summary: str) ->
     for s in sources:
         s["revision"] = f"`{s['revision']}`" if s.get("revision") else "local"
     t = len(record["tasks"])
+    where = repo_id or "<this repo or directory>"
     if compressed:
         summary = (
             f"A compressed merge of {t} fine-tuned models of one base with `{record['method']}`: one merged task "
@@ -138,15 +183,15 @@ def build_card(record: dict[str, Any], recipe_yaml: str, method_summary: str) ->
         )
         first = record["tasks"][0]["name"]
         usage = (
-            "from hubmerge import CompressedMerge\n\n"
-            'merge = CompressedMerge.from_pretrained("<this repo or directory>")\n'
+            "from hubmerge import CompressedMerge  # pip install hubmerge\n\n"
+            f'merge = CompressedMerge.from_pretrained("{where}")  # fetches the base at its pinned commit\n'
             f'state_dict = merge.materialize("{first}")  # tasks: {", ".join(x["name"] for x in record["tasks"])}\n'
-            f"# or: hubmerge materialize <artifact> --task {first} --output {first}-model"
+            f"# or: hubmerge materialize {where} --task {first} --output {first}-model"
         )
     else:
         summary = f"{t} fine-tuned models of one base merged with `{record['method']}` into one model."
         usage = (
-            'from transformers import AutoModel\n\nmodel = AutoModel.from_pretrained("<this repo or directory>")'
+            f'from transformers import AutoModel\n\nmodel = AutoModel.from_pretrained("{where}")'
             if record.get("has_config")
             else ""
         )
@@ -167,12 +212,15 @@ def build_card(record: dict[str, Any], recipe_yaml: str, method_summary: str) ->
         summary=summary,
         sources=sources,
         method=record["method"],
-        method_summary=method_summary,
+        method_summary=METHODS[record["method"]].summary,
         parameters=[(k, json.dumps(v, ensure_ascii=False)) for k, v in record["parameters"].items()],
         d=record["parameters_counted"],
         usage=usage,
+        repo=where,
+        exported=exported or [],
         storage_rows=storage_rows(record["storage"]) if compressed else [],
         histogram=histogram_rows(record),
+        plot_file=PLOT_FILE,
         num_tasks=t,
         consensus_note=consensus_note,
         recipe=recipe_yaml,
@@ -181,3 +229,45 @@ def build_card(record: dict[str, Any], recipe_yaml: str, method_summary: str) ->
         bibtex=BIBTEX,
         version=record["hubmerge_version"],
     )
+
+
+def plot_agreement(record: dict[str, Any], path: Path) -> None:
+    """Bar chart of the mask agreement histogram (all entries, and those with some nonzero τ_t) as a PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")  # no display; must precede pyplot
+    from matplotlib import pyplot as plt
+
+    stats = record["stats"]
+    hist, active = stats["agreement_histogram"], stats["agreement_histogram_active"]
+    total = sum(hist)
+    counts = range(len(hist))
+    fig, ax = plt.subplots(figsize=(6, 3.5), dpi=100)
+    width = 0.4
+    ax.bar([c - width / 2 for c in counts], [100 * n / total for n in hist], width, label="all entries")
+    ax.bar([c + width / 2 for c in counts], [100 * n / total for n in active], width, label="some τ_t ≠ 0")
+    names = {0: "0\ncatastrophic", 1: "1\nselfish", len(hist) - 1: f"{len(hist) - 1}\nall tasks"}
+    ax.set_xticks(list(counts), [names.get(c, str(c)) for c in counts])
+    ax.set_xlabel("number of task masks containing the entry")
+    ax.set_ylabel("% of entries")
+    ax.set_title(f"{record['method']}: mask agreement over {total:,} entries")
+    ax.legend()
+    fig.tight_layout()
+    # Without the version stamp the bytes depend on the data only, so a re-push uploads nothing new.
+    fig.savefig(path, format="png", metadata={"Software": None})
+    plt.close(fig)
+
+
+def exported_tasks(directory: Path, record: dict[str, Any]) -> list[str]:
+    """Tasks whose materialized model is stored in a subfolder of the output."""
+    return [t["name"] for t in record["tasks"] if any((directory / t["name"]).glob("*.safetensors"))]
+
+
+def write_card(directory: Path, *, repo_id: str | None = None) -> None:
+    """(Re)write README.md and the agreement plot of an output from its hubmerge.json and recipe."""
+    record = json.loads((directory / MANIFEST).read_text())
+    recipe_yaml = (directory / RECIPE_FILE).read_text()
+    if record.get("stats", {}).get("agreement_histogram"):
+        plot_agreement(record, directory / PLOT_FILE)
+    card = build_card(record, recipe_yaml, repo_id=repo_id, exported=exported_tasks(directory, record))
+    card.save(directory / CARD_FILE)

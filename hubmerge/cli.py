@@ -154,22 +154,37 @@ def run(
         str, typer.Option(help="Largest weights file before sharding, e.g. 5GB or 500MB.")
     ] = "5GB",
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars or summary tables.")] = False,
+    locked: Annotated[
+        bool,
+        typer.Option(
+            "--locked",
+            help="Refuse to run if a Hub source no longer resolves to the commit in RECIPE's .lock.yaml file.",
+        ),
+    ] = False,
+    push: Annotated[
+        bool, typer.Option("--push/--no-push", help="Publish to the recipe's `push:` repo when done.")
+    ] = True,
 ) -> None:
     """Run a merge recipe: a merged model directory, or a compressed artifact (TALL / magnitude masks).
 
-    The output appears only when complete (written to a hidden sibling directory, then renamed).
+    The output appears only when complete (written to a hidden sibling directory, then renamed). Hub
+    sources are pinned to the commit they resolve to; with a `push:` block the output is then uploaded.
     """
     from hubmerge.engine import plan_summary, prepare
+    from hubmerge.lock import read_lock
     from hubmerge.recipe import load_recipe
-    from hubmerge.run import resolve_output, run_recipe
+    from hubmerge.run import publish_output, resolve_output, run_recipe
     from hubmerge.writer import check_output_path
 
     try:
         parsed = load_recipe(recipe)
+        lock = read_lock(recipe) if locked else None
         if dry_run:
             check_output_path(resolve_output(parsed, output), overwrite)
-            job = prepare(parsed, str(recipe))
+            job = prepare(parsed, str(recipe), lock=lock)
             _print_plan(plan_summary(job))
+            if parsed.push and push:
+                console.print(f"push to      {parsed.push.repo_id} (export: {parsed.push.export})")
             job.close()
             return
         result = run_recipe(
@@ -180,6 +195,7 @@ def run(
             device=device,
             max_shard_size=max_shard_size,
             show_progress=not quiet,
+            lock=lock,
         )
     except HubmergeError as err:
         raise _fail(err) from None
@@ -189,11 +205,121 @@ def run(
         f"wrote {result.output} ({result.record['result']}, {result.record['seconds']:.1f} s, "
         f"read {_human(result.record['bytes_read'])})"
     )
+    if parsed.push and push:
+        target = parsed.push
+        try:
+            published = publish_output(
+                result.output,
+                target.repo_id,
+                private=target.private,
+                revision=target.revision,
+                create_pr=target.create_pr,
+                commit_message=target.commit_message,
+                export=target.export,
+            )
+        except HubmergeError as err:
+            raise _fail(err) from None
+        _print_published(published)
+
+
+def _print_published(published: Any) -> None:
+    console.print(f"pushed: {published.commit_url}", highlight=False, soft_wrap=True)
+    if published.pr_url:
+        console.print(f"pull request: {published.pr_url}", highlight=False, soft_wrap=True)
+
+
+@app.command()
+def lock(
+    recipe: Annotated[Path, typer.Argument(help="The YAML recipe whose Hub sources to pin.")],
+) -> None:
+    """Pin every Hub source of RECIPE to the commit it resolves to now, in RECIPE.lock.yaml.
+
+    `hubmerge run RECIPE --locked` then refuses to run when a source has moved. Downloads no weights.
+    """
+    from hubmerge.engine import locate_sources
+    from hubmerge.hub import HubSource
+    from hubmerge.lock import write_lock
+    from hubmerge.recipe import load_recipe
+
+    try:
+        located = locate_sources(load_recipe(recipe))
+        hub_sources = {spec: where for spec, where in located.items() if isinstance(where, HubSource)}
+        written = write_lock(recipe, hub_sources)
+    except HubmergeError as err:
+        raise _fail(err) from None
+    table = Table(title=f"{written}: {len(hub_sources)} Hub sources pinned")
+    for column in ("source", "commit"):
+        table.add_column(column)
+    for spec, where in hub_sources.items():
+        table.add_row(spec, where.sha)
+    console.print(table)
+    local = len(located) - len(hub_sources)
+    if local:
+        console.print(f"{local} local source(s) are not locked (their files are not under version control).")
+
+
+@app.command(name="push")
+def push_command(
+    output: Annotated[Path, typer.Argument(help="An output directory of `hubmerge run`.")],
+    repo_id: Annotated[
+        str, typer.Argument(help="The Hub repo to publish to, `user/name` (created if missing).")
+    ],
+    private: Annotated[
+        bool,
+        typer.Option("--private", help="Create the repo as private (an existing repo keeps its visibility)."),
+    ] = False,
+    revision: Annotated[
+        str | None, typer.Option(help="Branch to commit to (created from main if missing).")
+    ] = None,
+    create_pr: Annotated[
+        bool, typer.Option("--create-pr", help="Open a pull request instead of committing.")
+    ] = False,
+    message: Annotated[str | None, typer.Option("--message", "-m", help="Commit message.")] = None,
+    export: Annotated[
+        str,
+        typer.Option(
+            help="`subfolders`: also store each task's rebuilt model in <task>/ (compressed artifacts), "
+            "so plain transformers loads it with subfolder=<task>."
+        ),
+    ] = "none",
+) -> None:
+    """Publish an output directory to the Hub: one commit, files the repo already has are skipped.
+
+    Rewrites the output's README.md (model card) for REPO_ID first. Safe to re-run after a failed upload.
+    """
+    from hubmerge.run import publish_output
+
+    if export not in ("none", "subfolders"):
+        raise _fail(HubmergeError(f"--export {export}: choose none or subfolders"))
+    try:
+        published = publish_output(
+            output,
+            repo_id,
+            private=private,
+            revision=revision,
+            create_pr=create_pr,
+            commit_message=message,
+            export=export,
+        )
+    except HubmergeError as err:
+        raise _fail(err) from None
+    _print_published(published)
+
+
+def _open_artifact(artifact: str) -> CompressedMerge:
+    from hubmerge.recipe import is_hub_id, split_revision
+
+    if is_hub_id(artifact):
+        repo_id, revision = split_revision(artifact)
+        return CompressedMerge.from_pretrained(repo_id, revision=revision)
+    return CompressedMerge.from_pretrained(artifact)
 
 
 @app.command()
 def materialize(
-    artifact: Annotated[Path, typer.Argument(help="A compressed artifact directory (has hubmerge.json).")],
+    artifact: Annotated[
+        str, typer.Argument(help="A compressed artifact: a directory, or a Hub repo `user/name[@revision]`.")
+    ],
     task: Annotated[str, typer.Option("--task", "-t", help="Which task's model to rebuild.")],
     output: Annotated[Path, typer.Option("--output", "-o", help="Directory for the rebuilt model.")],
     overwrite: Annotated[bool, typer.Option(help="Replace a non-empty output directory.")] = False,
@@ -204,7 +330,7 @@ def materialize(
 ) -> None:
     """Rebuild one task's model, θ0 + m_t ⊙ τ_MTL, as a directory that transformers loads."""
     try:
-        merge = CompressedMerge.from_pretrained(artifact)
+        merge = _open_artifact(artifact)
         written = merge.save_task(
             task, output, overwrite=overwrite, dtype=dtype, max_shard_size=max_shard_size
         )

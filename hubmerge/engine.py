@@ -24,6 +24,8 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from hubmerge.artifacts import ArtifactWriter, output_dtype, storage_summary
 from hubmerge.errors import HubmergeError
+from hubmerge.hub import HubSource
+from hubmerge.lock import Lock
 from hubmerge.methods import METHODS, MergeSpec
 from hubmerge.methods.tall import agreement_histograms, consensus_mask, mask_count, tall_masks
 from hubmerge.methods.task_arithmetic import apply_vector, sum_in_task_order, task_vectors
@@ -39,7 +41,7 @@ from hubmerge.methods.topk import (
     topk_mask,
 )
 from hubmerge.recipe import Recipe
-from hubmerge.sources import Checkpoint, TensorInfo, check_compatible, resolve_source
+from hubmerge.sources import Checkpoint, TensorInfo, check_compatible, locate_source, open_source
 from hubmerge.writer import ShardedStream, Slot
 
 DEFAULT_BLOCK_ENTRIES = 1 << 22
@@ -64,11 +66,12 @@ class MergeJob:
     @cached_property
     def merge_keys(self) -> list[str]:
         """Floating-point tensors, sorted: the entries that count in d."""
-        return sorted(k for k, info in self.base.infos.items() if info.is_float)
+        return sorted(k for k, info in self.base.infos.items() if info.is_float and self.recipe.selects(k))
 
     @cached_property
     def copy_keys(self) -> list[str]:
-        return sorted(k for k, info in self.base.infos.items() if not info.is_float)
+        merged = set(self.merge_keys)
+        return sorted(k for k in self.base.infos if k not in merged)
 
     @cached_property
     def d(self) -> int:
@@ -83,13 +86,37 @@ class MergeJob:
             ckpt.close()
 
 
-def prepare(recipe: Recipe, origin: str = "<recipe>", *, token: str | None = None) -> MergeJob:
-    """Resolve every source and check that the models match the base; reads no tensor data."""
+def locate_sources(
+    recipe: Recipe, *, token: str | None = None, endpoint: str | None = None
+) -> dict[str, Path | HubSource]:
+    """Every source of the recipe, Hub ids pinned to commits; downloads nothing."""
+    return {
+        spec: locate_source(spec, token=token, endpoint=endpoint)
+        for spec in dict.fromkeys([recipe.base, *recipe.sources])
+    }
+
+
+def prepare(
+    recipe: Recipe,
+    origin: str = "<recipe>",
+    *,
+    token: str | None = None,
+    endpoint: str | None = None,
+    lock: Lock | None = None,
+) -> MergeJob:
+    """Resolve every source and check that the models match the base; reads no tensor data.
+
+    All sources are located (and a lock checked) before the first download, so a typo in the last model
+    id does not cost the download of the others.
+    """
     method = METHODS[recipe.method]
     spec = method.spec(recipe.parameters, recipe.task_names)
-    base = resolve_source(recipe.base, token=token)
-    models = [resolve_source(source, token=token) for source in recipe.sources]
-    check_compatible(base, models, recipe.task_names)
+    located = locate_sources(recipe, token=token, endpoint=endpoint)
+    if lock is not None:
+        lock.check({s: where for s, where in located.items() if isinstance(where, HubSource)})
+    opened = {s: open_source(s, where, token=token, endpoint=endpoint) for s, where in located.items()}
+    base, models = opened[recipe.base], [opened[source] for source in recipe.sources]
+    check_compatible(base, models, recipe.task_names, recipe.selects)
     return MergeJob(
         recipe=recipe,
         origin=origin,

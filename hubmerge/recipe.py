@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import fnmatch
 import re
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -29,6 +30,17 @@ class ModelEntry(Strict):
     name: str | None = None
 
 
+class PushTarget(Strict):
+    """Where `hubmerge run` publishes its output once it is complete."""
+
+    repo_id: Annotated[str, Field(pattern=r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")]
+    private: bool = False
+    revision: str | None = None  # a branch; created when missing
+    create_pr: bool = False
+    commit_message: str | None = None
+    export: Literal["none", "subfolders"] = "none"
+
+
 class Recipe(Strict):
     """A merge recipe, exactly as written in the YAML file (method parameters still raw)."""
 
@@ -39,6 +51,12 @@ class Recipe(Strict):
     parameters: dict[str, Any] = Field(default_factory=dict)
     dtype: OutputDtype = "auto"
     output: str | None = None
+    # Which tensors are merged (fnmatch globs on tensor names); the base's other tensors are copied unchanged,
+    # and the fine-tuned models need only have the selected ones (e.g. CLIPVisionModel fine-tunes of a
+    # CLIPModel base: include: ["vision_model.*"]).
+    include: Annotated[list[Annotated[str, Field(min_length=1)]], Field(min_length=1)] | None = None
+    exclude: list[Annotated[str, Field(min_length=1)]] = Field(default_factory=list)
+    push: PushTarget | None = None
 
     @model_validator(mode="after")
     def _check(self) -> Recipe:
@@ -56,7 +74,14 @@ class Recipe(Strict):
                 raise ValueError(f"duplicate task name {name!r}: give the models distinct `name`s")
             seen.add(name)
         METHODS[self.method].validate(self.parameters, names)
+        if self.push and self.push.export == "subfolders" and METHODS[self.method].result != "compressed":
+            raise ValueError("push.export: subfolders applies to compressed artifacts only (this is a merge)")
         return self
+
+    def selects(self, key: str) -> bool:
+        """Whether tensor `key` is merged (rather than copied from the base)."""
+        included = self.include is None or any(fnmatch.fnmatchcase(key, p) for p in self.include)
+        return included and not any(fnmatch.fnmatchcase(key, p) for p in self.exclude)
 
     @property
     def entries(self) -> list[ModelEntry]:

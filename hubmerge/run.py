@@ -12,19 +12,31 @@ from typing import Any
 import yaml
 
 import hubmerge
-from hubmerge.artifacts import FORMAT, FORMAT_VERSION, MANIFEST, MASK_DIR, PACKING, VECTOR_STEM
-from hubmerge.card import build_card
+from hubmerge import hub
+from hubmerge.artifacts import (
+    FORMAT,
+    FORMAT_VERSION,
+    MANIFEST,
+    MASK_DIR,
+    PACKING,
+    RECIPE_FILE,
+    RESERVED_NAMES,
+    VECTOR_STEM,
+    CompressedMerge,
+)
+from hubmerge.card import write_card
 from hubmerge.engine import DEFAULT_BLOCK_ENTRIES, Engine, MergeJob, prepare, resolve_device
 from hubmerge.errors import HubmergeError
-from hubmerge.methods import METHODS
+from hubmerge.hub import Published
+from hubmerge.lock import Lock
 from hubmerge.recipe import Recipe
 from hubmerge.sources import Checkpoint
 from hubmerge.writer import atomic_directory, check_output_path, copy_support_files
 
-RECIPE_FILE = "hubmerge_recipe.yaml"
 MERGED_FORMAT = "hubmerge-merged"
 COUNTING_RULE = (
-    "every floating-point tensor of the base, flattened in sorted key order; non-float tensors copied"
+    "every floating-point tensor of the base selected by include/exclude (all by default), flattened in sorted "
+    "key order; other tensors copied from the base"
 )
 
 
@@ -52,6 +64,10 @@ def pinned_recipe(job: MergeJob) -> str:
         "parameters": job.parameters,
         "dtype": job.recipe.dtype,
     }
+    if job.recipe.include is not None:
+        data["include"] = job.recipe.include
+    if job.recipe.exclude:
+        data["exclude"] = job.recipe.exclude
     if job.recipe.output:
         data["output"] = job.recipe.output
     header = (
@@ -88,11 +104,14 @@ def run_record(job: MergeJob, engine: Engine, seconds: float) -> dict[str, Any]:
         "parameters": job.parameters,
         "dtype": job.recipe.dtype,
         "base": job.base.provenance.as_dict(),
+        "base_card": job.base.card_metadata,
         "tasks": _task_records(job, engine),
         "parameters_counted": job.d,
         "counted_tensors": len(job.merge_keys),
         "copied_tensors": job.copy_keys,
         "counting_rule": COUNTING_RULE,
+        "include": job.recipe.include,
+        "exclude": job.recipe.exclude,
         "has_config": job.base.directory is not None and (job.base.directory / "config.json").is_file(),
         "stats": engine.stats.as_dict(),
         "device": str(engine.device),
@@ -126,12 +145,19 @@ def run_recipe(
     block_entries: int = DEFAULT_BLOCK_ENTRIES,
     show_progress: bool = False,
     token: str | None = None,
+    endpoint: str | None = None,
+    lock: Lock | None = None,
 ) -> RunResult:
-    """Run a validated recipe end to end; the output directory appears only when everything is written."""
+    """Run a validated recipe end to end; the output directory appears only when everything is written.
+
+    With `push.export: subfolders`, every task's materialized model is part of that output.
+    """
     target = resolve_output(recipe, Path(output) if output else None)
     check_output_path(target, overwrite)
+    if recipe.push and recipe.push.export == "subfolders":
+        check_subfolder_names(recipe.task_names)
     torch_device = resolve_device(device)
-    job = prepare(recipe, origin, token=token)
+    job = prepare(recipe, origin, token=token, endpoint=endpoint, lock=lock)
     engine = Engine(job, torch_device, block_entries=block_entries, show_progress=show_progress)
     started = time.perf_counter()
     try:
@@ -146,9 +172,66 @@ def run_recipe(
                 writer = engine.write_artifact(staging, max_shard_size)
                 record = run_record(job, engine, time.perf_counter() - started)
                 writer.close(record)
-            recipe_yaml = pinned_recipe(job)
-            (staging / RECIPE_FILE).write_text(recipe_yaml)
-            build_card(record, recipe_yaml, METHODS[job.recipe.method].summary).save(staging / "README.md")
+            (staging / RECIPE_FILE).write_text(pinned_recipe(job))
+            if recipe.push and recipe.push.export == "subfolders":
+                export_subfolders(staging, max_shard_size=max_shard_size, token=token, endpoint=endpoint)
+            write_card(staging, repo_id=recipe.push.repo_id if recipe.push else None)
     finally:
         job.close()
     return RunResult(output=target, record=record)
+
+
+def check_subfolder_names(tasks: list[str]) -> None:
+    clashing = [t for t in tasks if t in RESERVED_NAMES]
+    if clashing:
+        raise HubmergeError(
+            f"task {clashing[0]!r}: its subfolder would clash with the artifact's own {clashing[0]!r}; "
+            "rename the task to export subfolders"
+        )
+
+
+def export_subfolders(
+    directory: Path,
+    *,
+    max_shard_size: int | str = "5GB",
+    token: str | None = None,
+    endpoint: str | None = None,
+) -> list[str]:
+    """Write each task's materialized model into `<artifact>/<task>/`, loadable with plain transformers."""
+    merge = CompressedMerge.from_pretrained(directory, token=token, endpoint=endpoint)
+    check_subfolder_names(merge.tasks)
+    for task in merge.tasks:
+        merge.save_task(task, directory / task, overwrite=True, max_shard_size=max_shard_size)
+    return merge.tasks
+
+
+def publish_output(
+    directory: Path,
+    repo_id: str,
+    *,
+    private: bool = False,
+    revision: str | None = None,
+    create_pr: bool = False,
+    commit_message: str | None = None,
+    export: str = "none",
+    token: str | None = None,
+    endpoint: str | None = None,
+) -> Published:
+    """Push a finished output directory to a Hub repo, with its card written for that repo."""
+    if not (directory / MANIFEST).is_file():
+        raise HubmergeError(f"{directory}: not a hubmerge output (no {MANIFEST}); run a recipe first")
+    if export == "subfolders":
+        if json.loads((directory / MANIFEST).read_text())["result"] != "compressed":
+            raise HubmergeError(f"{directory}: --export subfolders applies to compressed artifacts only")
+        export_subfolders(directory, token=token, endpoint=endpoint)
+    write_card(directory, repo_id=repo_id)
+    return hub.publish(
+        directory,
+        repo_id,
+        private=private,
+        revision=revision,
+        create_pr=create_pr,
+        commit_message=commit_message,
+        token=token,
+        endpoint=endpoint,
+    )

@@ -9,36 +9,20 @@ import pickle
 import re
 import struct
 import weakref
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+import yaml
 
+from hubmerge import hub
 from hubmerge.errors import HubmergeError
-from hubmerge.recipe import is_hub_id, split_revision
+from hubmerge.hub import BIN_INDEX, CARD_FILE, SAFETENSORS_INDEX, SUPPORT_FILES, HubSource
+from hubmerge.recipe import is_hub_id
 
 ANSI_ESCAPE = re.compile(r"\x1b\[[0-9;]*m")
-SAFETENSORS_INDEX = "model.safetensors.index.json"
-BIN_INDEX = "pytorch_model.bin.index.json"
-# Files a model directory needs besides its weights: copied from the base into every output model.
-SUPPORT_FILES = (
-    "config.json",
-    "generation_config.json",
-    "tokenizer*",
-    "special_tokens_map.json",
-    "added_tokens.json",
-    "vocab.*",
-    "merges.txt",
-    "spiece.model",
-    "sentencepiece*.model",
-    "chat_template.*",
-    "preprocessor_config.json",
-    "processor_config.json",
-    "modules.json",
-    "sentence_bert_config.json",
-    "config_sentence_transformers.json",
-    "[0-9]_*/*.json",
-)
+INHERITED_CARD_KEYS = ("license", "license_name", "license_link", "pipeline_tag")
 SAFETENSORS_DTYPES = {
     "F64": torch.float64,
     "F32": torch.float32,
@@ -101,6 +85,7 @@ class Checkpoint:
     infos: dict[str, TensorInfo] = field(default_factory=dict)
     _key_file: dict[str, Path] = field(default_factory=dict)
     _readers: dict[Path, SafetensorsReader | PickledReader] = field(default_factory=dict)
+    card_metadata: dict[str, str] = field(default_factory=dict)  # what a merge inherits from this card
 
     @property
     def name(self) -> str:
@@ -279,70 +264,56 @@ def open_local(path: Path, provenance: Provenance) -> Checkpoint:
                 raise HubmergeError(f"{path}: tensor {k!r} appears in more than one shard")
             ckpt.infos[k] = info
             ckpt._key_file[k] = f
+    if path.is_dir():
+        ckpt.card_metadata.update(inherited_card_metadata(path / CARD_FILE))
     return ckpt
 
 
-def hub_allow_patterns(use_safetensors: bool) -> list[str]:
-    weights = ["*.safetensors", SAFETENSORS_INDEX] if use_safetensors else ["*.bin", BIN_INDEX]
-    return [*weights, *SUPPORT_FILES]
+def inherited_card_metadata(card: Path) -> dict[str, str]:
+    """License and pipeline tag from a model card's front matter; an unreadable card gives nothing."""
+    if not card.is_file():
+        return {}
+    from huggingface_hub import metadata_load
+
+    try:
+        metadata = metadata_load(card) or {}
+    except (ValueError, yaml.YAMLError, UnicodeDecodeError):
+        return {}
+    return {k: v for k in INHERITED_CARD_KEYS if isinstance(v := metadata.get(k), str)}
 
 
-def _download(
-    repo_id: str, revision: str | None, token: str | None, endpoint: str | None
-) -> tuple[Path, str]:
-    from huggingface_hub import HfApi, snapshot_download
-    from huggingface_hub import constants as hf_constants
+def locate_source(spec: str, *, token: str | None = None, endpoint: str | None = None) -> Path | HubSource:
+    """Where a recipe source is: a local path that exists, or a Hub id pinned to its current commit.
 
-    if hf_constants.HF_HUB_OFFLINE:
-        # Offline: the cache decides; its snapshot folder is named after the commit sha.
-        path = snapshot_download(
-            repo_id, revision=revision, allow_patterns=[*hub_allow_patterns(True), "*.bin", BIN_INDEX]
-        )
-        return Path(path), Path(path).name
-    info = HfApi(endpoint=endpoint, token=token).model_info(repo_id, revision=revision)
-    names = [s.rfilename for s in info.siblings or []]
-    use_safetensors = any(n.endswith(".safetensors") for n in names)
-    if not use_safetensors and not any(n.endswith(".bin") for n in names):
-        raise HubmergeError(f"{repo_id}@{info.sha}: the repository has no .safetensors or .bin weights")
-    path = snapshot_download(
-        repo_id,
-        revision=info.sha,
-        allow_patterns=hub_allow_patterns(use_safetensors),
-        token=token,
-        endpoint=endpoint,
-    )
-    return Path(path), str(info.sha)
-
-
-def resolve_source(spec: str, *, token: str | None = None, endpoint: str | None = None) -> Checkpoint:
-    """Open a recipe source: a local directory or weights file, or a Hub `org/name[@revision]`."""
+    Nothing is downloaded, so every source can be checked before the first weight arrives.
+    """
     if not is_hub_id(spec):
         path = Path(os.path.expanduser(spec))
         if not path.exists():
             raise HubmergeError(f"source not found: {spec} (no such file or directory)")
-        return open_local(path, Provenance(source=spec, location=str(path.resolve())))
-    from huggingface_hub import errors as hf_errors
+        return path
+    return hub.resolve(spec, token=token, endpoint=endpoint)
 
-    repo_id, revision = split_revision(spec)
-    try:
-        path, sha = _download(repo_id, revision, token, endpoint)
-    except hf_errors.GatedRepoError:
-        raise HubmergeError(f"{spec}: gated repository: accept its terms on the Hub and log in") from None
-    except hf_errors.RevisionNotFoundError:
-        raise HubmergeError(f"{spec}: revision {revision!r} not found in {repo_id}") from None
-    except hf_errors.RepositoryNotFoundError:
-        raise HubmergeError(
-            f"{spec}: no such local path, and no such Hub repository "
-            "(or it is private: set HF_TOKEN or run `hf auth login`)"
-        ) from None
-    except hf_errors.LocalEntryNotFoundError:
-        raise HubmergeError(
-            f"{spec}: no such local path, and the Hub repository is not in the local cache while the Hub "
-            "cannot be reached (connect, or download it first; HF_HUB_OFFLINE=1 reads only the cache)"
-        ) from None
-    except hf_errors.HfHubHTTPError as err:
-        raise HubmergeError(f"{spec}: Hub error: {err}") from None
-    return open_local(path, Provenance(source=spec, location=repo_id, revision=sha))
+
+def open_source(
+    spec: str, where: Path | HubSource, *, token: str | None = None, endpoint: str | None = None
+) -> Checkpoint:
+    """Open a located source (downloading a Hub snapshot at its pinned commit); reads headers only."""
+    if isinstance(where, Path):
+        ckpt = open_local(where, Provenance(source=spec, location=str(where.resolve())))
+    else:
+        path = hub.download(where, token=token, endpoint=endpoint)
+        ckpt = open_local(path, Provenance(source=spec, location=where.repo_id, revision=where.sha))
+        if where.pipeline_tag:
+            ckpt.card_metadata.setdefault("pipeline_tag", where.pipeline_tag)
+    return ckpt
+
+
+def resolve_source(spec: str, *, token: str | None = None, endpoint: str | None = None) -> Checkpoint:
+    """Open a recipe source: a local directory or weights file, or a Hub `org/name[@revision]`."""
+    return open_source(
+        spec, locate_source(spec, token=token, endpoint=endpoint), token=token, endpoint=endpoint
+    )
 
 
 def support_files(directory: Path) -> list[Path]:
@@ -355,10 +326,18 @@ def support_files(directory: Path) -> list[Path]:
     return found
 
 
-def check_compatible(base: Checkpoint, models: list[Checkpoint], names: list[str]) -> None:
-    """Every model must have exactly the base's tensors, shapes and float-ness; raises naming the first diffs."""
-    if not any(info.is_float and info.numel for info in base.infos.values()):
-        raise HubmergeError(f"base {base.name}: has no floating-point weights, nothing to merge")
+def check_compatible(
+    base: Checkpoint, models: list[Checkpoint], names: list[str], selected: Callable[[str], bool]
+) -> None:
+    """Every model must have the base's selected float tensors, with their shapes; raises naming the first diffs.
+
+    Non-float tensors and unselected ones are copied from the base, so a model may lack them (e.g. a
+    `position_ids` buffer that only some checkpoints store); tensors the base lacks are reported.
+    """
+    merged = {k for k, info in base.infos.items() if info.is_float and selected(k)}
+    if not any(base.infos[k].numel for k in merged):
+        what = "selected by include/exclude" if merged or base.infos else "in the base"
+        raise HubmergeError(f"base {base.name}: has no floating-point weights {what}, nothing to merge")
 
     def head(keys: list[str]) -> str:
         shown = ", ".join(keys[:3])
@@ -366,26 +345,27 @@ def check_compatible(base: Checkpoint, models: list[Checkpoint], names: list[str
 
     for name, model in zip(names, models, strict=True):
         problems = []
-        missing = sorted(set(base.infos) - set(model.infos))
-        extra = sorted(set(model.infos) - set(base.infos))
+        missing = sorted(merged - set(model.infos))
+        extra = sorted(k for k in set(model.infos) - set(base.infos) if selected(k))
         if missing:
             problems.append(f"missing keys {head(missing)}")
         if extra:
             problems.append(f"extra keys {head(extra)}")
         mismatched = [
-            f"{k} {list(model.infos[k].shape)} vs base {list(info.shape)}"
-            for k, info in sorted(base.infos.items())
-            if k in model.infos and model.infos[k].shape != info.shape
+            f"{k} {list(model.infos[k].shape)} vs base {list(base.infos[k].shape)}"
+            for k in sorted(merged)
+            if k in model.infos and model.infos[k].shape != base.infos[k].shape
         ]
         if mismatched:
             problems.append(f"shape mismatch {head(mismatched)}")
-        kinds = [
-            k
-            for k, info in sorted(base.infos.items())
-            if k in model.infos and model.infos[k].is_float != info.is_float
-        ]
+        kinds = [k for k in sorted(merged) if k in model.infos and not model.infos[k].is_float]
         if kinds:
             problems.append(f"float/non-float mismatch {head(kinds)}")
+        if missing and not extra and len(missing) < len(merged):
+            problems.append(
+                "if the models are a part of the base (e.g. CLIPVisionModel fine-tunes of a CLIPModel), "
+                "merge only that part with `include:` (e.g. include: ['vision_model.*'])"
+            )
         if problems:
             raise HubmergeError(
                 f"model {name!r} ({model.name}) does not match the base: " + "; ".join(problems)

@@ -1,0 +1,207 @@
+"""The Hugging Face Hub: pin sources to commits before any weight is downloaded, fetch them, publish outputs.
+
+Download, cache, revisions, credentials, retries and large-file upload are huggingface_hub's job; this module
+decides what to ask for and turns the client's exceptions into one-line errors that name the source.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx2
+from huggingface_hub import HfApi, snapshot_download
+from huggingface_hub import constants as hf_constants
+from huggingface_hub import errors as hf_errors
+
+from hubmerge.errors import HubmergeError
+from hubmerge.recipe import split_revision
+
+SAFETENSORS_INDEX = "model.safetensors.index.json"
+BIN_INDEX = "pytorch_model.bin.index.json"
+WEIGHT_PATTERNS = {"safetensors": ["*.safetensors", SAFETENSORS_INDEX], "bin": ["*.bin", BIN_INDEX]}
+# Files a model directory needs besides its weights: downloaded with Hub sources, copied into outputs.
+SUPPORT_FILES = (
+    "config.json",
+    "generation_config.json",
+    "tokenizer*",
+    "special_tokens_map.json",
+    "added_tokens.json",
+    "vocab.*",
+    "merges.txt",
+    "spiece.model",
+    "sentencepiece*.model",
+    "chat_template.*",
+    "preprocessor_config.json",
+    "processor_config.json",
+    "modules.json",
+    "sentence_bert_config.json",
+    "config_sentence_transformers.json",
+    "[0-9]_*/*.json",
+)
+# The base's card is read for its license and pipeline tag, which a merge inherits.
+CARD_FILE = "README.md"
+
+
+@dataclass(frozen=True)
+class HubSource:
+    """A Hub source resolved to the commit it points at now (nothing downloaded yet)."""
+
+    spec: str  # as written in the recipe
+    repo_id: str
+    requested: str | None  # branch, tag or sha as written; None = the default branch
+    sha: str
+    weights: str  # "safetensors" or "bin": safetensors wins when a repo has both
+    pipeline_tag: str | None = None
+    cached_path: Path | None = None  # offline: the cached snapshot the revision resolved to
+
+
+def allow_patterns(weights: str) -> list[str]:
+    return [*WEIGHT_PATTERNS[weights], *SUPPORT_FILES, CARD_FILE]
+
+
+@contextmanager
+def hub_errors(spec: str, endpoint: str | None = None) -> Iterator[None]:
+    """Turn huggingface_hub's exceptions into one-line errors naming `spec`."""
+    repo_id, revision = split_revision(spec)
+    try:
+        yield
+    except hf_errors.GatedRepoError:
+        raise HubmergeError(f"{spec}: gated repository: accept its terms on the Hub, then log in") from None
+    except hf_errors.RevisionNotFoundError:
+        raise HubmergeError(f"{spec}: revision {revision!r} not found in {repo_id}") from None
+    except hf_errors.RepositoryNotFoundError:
+        raise HubmergeError(
+            f"{spec}: no such local path, and no such Hub repository "
+            "(or it is private: set HF_TOKEN or run `hf auth login`)"
+        ) from None
+    except hf_errors.LocalEntryNotFoundError:
+        raise HubmergeError(
+            f"{spec}: no such local path, and the Hub repository is not in the local cache while the Hub "
+            "cannot be reached (connect, or download it first; HF_HUB_OFFLINE=1 reads only the cache)"
+        ) from None
+    except hf_errors.HfHubHTTPError as err:
+        status = err.response.status_code if err.response is not None else None
+        if status in (401, 403):
+            raise HubmergeError(
+                f"{spec}: not authorised ({status}): check HF_TOKEN or `hf auth login`"
+            ) from None
+        raise HubmergeError(f"{spec}: Hub error: {_first_line(err)}") from None
+    except httpx2.TransportError as err:
+        raise HubmergeError(
+            f"{spec}: cannot reach the Hub at {endpoint or hf_constants.ENDPOINT} ({err}); to use only "
+            "models already in the local cache, set HF_HUB_OFFLINE=1"
+        ) from None
+
+
+def _first_line(err: Exception) -> str:
+    return str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+
+
+def resolve(spec: str, *, token: str | None = None, endpoint: str | None = None) -> HubSource:
+    """The commit `org/name[@revision]` points at, and which weights it has; downloads no weights."""
+    repo_id, revision = split_revision(spec)
+    with hub_errors(spec, endpoint):
+        if hf_constants.HF_HUB_OFFLINE:
+            return _resolve_cached(spec, repo_id, revision)
+        api = HfApi(endpoint=endpoint, token=token)
+        info = api.model_info(repo_id, revision=revision)
+        if info.gated:
+            api.auth_check(repo_id)  # metadata of a gated repo is public; its files may not be
+    names = [s.rfilename for s in info.siblings or []]
+    if any(n.endswith(".safetensors") for n in names):
+        weights = "safetensors"
+    elif any(n.endswith(".bin") for n in names):
+        weights = "bin"
+    else:
+        raise HubmergeError(f"{spec}: the repository has no .safetensors or .bin weights (commit {info.sha})")
+    return HubSource(spec, repo_id, revision, str(info.sha), weights, pipeline_tag=info.pipeline_tag)
+
+
+def _resolve_cached(spec: str, repo_id: str, revision: str | None) -> HubSource:
+    """Offline: the cache decides; its snapshot folder for the revision is named after the commit sha."""
+    for weights in WEIGHT_PATTERNS:
+        try:
+            path = Path(
+                snapshot_download(
+                    repo_id, revision=revision, local_files_only=True, allow_patterns=allow_patterns(weights)
+                )
+            )
+        except hf_errors.IncompleteSnapshotError:
+            continue  # a snapshot downloaded with the other weight format
+        if any(path.glob(WEIGHT_PATTERNS[weights][0])):
+            return HubSource(spec, repo_id, revision, path.name, weights, cached_path=path)
+    raise HubmergeError(
+        f"{spec}: HF_HUB_OFFLINE is set and the cached snapshot of {repo_id} has no complete set of weights "
+        "(run once with network access to download it)"
+    )
+
+
+def download(source: HubSource, *, token: str | None = None, endpoint: str | None = None) -> Path:
+    """The local snapshot of `source` at its pinned commit: weights, config, tokenizer and card only."""
+    if source.cached_path is not None:
+        return source.cached_path
+    with hub_errors(source.spec, endpoint):
+        # By the revision as written, so the cache records where the branch or tag points and an offline
+        # run can resolve it later; by sha only if the branch has moved since `resolve` pinned it.
+        for revision in (source.requested, source.sha):
+            path = Path(
+                snapshot_download(
+                    source.repo_id,
+                    revision=revision,
+                    allow_patterns=allow_patterns(source.weights),
+                    token=token,
+                    endpoint=endpoint,
+                )
+            )
+            if path.name == source.sha:
+                return path
+    raise HubmergeError(f"{source.spec}: the Hub served commit {path.name} for pinned commit {source.sha}")
+
+
+@dataclass(frozen=True)
+class Published:
+    repo_url: str
+    commit_url: str
+    pr_url: str | None
+
+
+def publish(
+    directory: Path,
+    repo_id: str,
+    *,
+    private: bool = False,
+    revision: str | None = None,
+    create_pr: bool = False,
+    commit_message: str | None = None,
+    token: str | None = None,
+    endpoint: str | None = None,
+) -> Published:
+    """Upload an output directory as one commit (files the repo already has are skipped by the client)."""
+    api = HfApi(endpoint=endpoint, token=token)
+    hint = f"the local output {directory} is complete; re-run `hubmerge push {directory} {repo_id}`"
+    try:
+        repo_url = api.create_repo(repo_id, private=private, exist_ok=True)
+        if revision and revision != "main":
+            # upload_folder does not create branches; a PR against a missing branch fails too.
+            api.create_branch(repo_id, branch=revision, exist_ok=True)
+        info = api.upload_folder(
+            repo_id=repo_id,
+            folder_path=directory,
+            revision=revision,
+            create_pr=create_pr,
+            commit_message=commit_message or f"Upload {directory.name} with hubmerge",
+        )
+    except hf_errors.HfHubHTTPError as err:
+        status = err.response.status_code if err.response is not None else None
+        why = (
+            "not authorised: check HF_TOKEN or `hf auth login`, and write access to the namespace"
+            if status in (401, 403)
+            else _first_line(err)
+        )
+        raise HubmergeError(f"push to {repo_id} failed: {why}; {hint}") from None
+    except (httpx2.TransportError, OSError) as err:
+        raise HubmergeError(f"push to {repo_id} failed: {_first_line(err)}; {hint}") from None
+    return Published(repo_url=str(repo_url), commit_url=info.commit_url, pr_url=info.pr_url)
