@@ -6,7 +6,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from huggingface_hub import ModelCard, ModelCardData
+from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
 from hubmerge.artifacts import MANIFEST, RECIPE_FILE
 from hubmerge.methods import METHODS
@@ -58,7 +58,19 @@ Parameters counted in d (every floating-point tensor of the base, sorted key ord
 ```python
 {{ usage }}
 ```
-{% endif %}{% if exported %}
+{% endif %}{% if evaluation %}
+## Evaluation
+
+{{ evaluation.metric }} on the `{{ evaluation.split }}` split, each task with its own head (`{{ evaluation.head }}`);
+normalized = score / that task's fine-tuned score.
+
+| model |{% for t in evaluation.tasks %} {{ t }} |{% endfor %} mean | mean normalized |
+|---|{% for t in evaluation.tasks %}---|{% endfor %}---|---|
+{% for name, row in evaluation.rows -%}
+| {{ name }} |{% for t in evaluation.tasks %} {{ "%.2f"|format(100 * row.accuracy[t]) }} |{% endfor %} {{ "%.2f"|format(100 * row.mean_accuracy) }} | {{ "%.1f"|format(100 * row.mean_normalized) }} % |
+{% endfor %}{% if search %}
+Chosen on the `{{ search.split }}` split: {{ search.chosen }}.
+{% endif %}{% endif %}{% if exported %}
 ## Task models in subfolders
 
 Each task's model, rebuilt as θ0 + m_t ⊙ τ_MTL, is also stored as a plain transformers model in a subfolder,
@@ -168,6 +180,10 @@ def build_card(
     )
     if data.base_model:
         data.base_model_relation = "merge"
+    evaluation = record.get("evaluation")
+    if evaluation:
+        data.model_name = repo_id or f"{record['method']} merge"
+        data.eval_results = eval_results(evaluation, record["method"])
     sources = [{"role": "base", "name": "base", **record["base"]}] + [
         {"role": "task", **t} for t in record["tasks"]
     ]
@@ -218,6 +234,8 @@ def build_card(
         usage=usage,
         repo=where,
         exported=exported or [],
+        evaluation=_evaluation_view(evaluation),
+        search=_search_view(record.get("search")),
         storage_rows=storage_rows(record["storage"]) if compressed else [],
         histogram=histogram_rows(record),
         plot_file=PLOT_FILE,
@@ -229,6 +247,43 @@ def build_card(
         bibtex=BIBTEX,
         version=record["hubmerge_version"],
     )
+
+
+TASK_TYPES = {"clip_zero_shot": "image-classification"}
+
+
+def eval_results(evaluation: dict[str, Any], method: str) -> list[EvalResult]:
+    """The merged model's score per task, as model-index entries the Hub shows."""
+    results = []
+    for task, score in evaluation["rows"][method]["accuracy"].items():
+        dataset = evaluation["datasets"][task]
+        results.append(
+            EvalResult(
+                task_type=TASK_TYPES.get(evaluation["head"], "text-classification"),
+                # local data has no Hub id; the task name keeps the Hub from merging tasks into one dataset
+                dataset_type=task if dataset["dataset"] == "local" else dataset["dataset"],
+                dataset_name=task,
+                dataset_config=dataset["config"],
+                dataset_split=dataset["split"],
+                metric_type=evaluation["metric"],
+                metric_value=round(score, 6),
+            )
+        )
+    return results
+
+
+def _evaluation_view(evaluation: dict[str, Any] | None) -> dict[str, Any] | None:
+    if not evaluation:
+        return None
+    rows = list(evaluation["rows"].items())
+    return {**evaluation, "tasks": list(evaluation["datasets"]), "rows": rows}
+
+
+def _search_view(search: dict[str, Any] | None) -> dict[str, Any] | None:
+    if not search:
+        return None
+    chosen = ", ".join(f"{k} = {json.dumps(v)}" for k, v in search["chosen"].items())
+    return {"split": search["split"], "chosen": chosen}
 
 
 def plot_agreement(record: dict[str, Any], path: Path) -> None:

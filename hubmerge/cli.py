@@ -131,6 +131,44 @@ def _print_record(record: dict[str, Any], directory: Path) -> None:
     if "consensus_kept" in record["stats"]:
         kept = record["stats"]["consensus_kept"]
         console.print(f"consensus keeps {kept:,} of {d:,} entries ({100 * kept / d:.2f} %)")
+    if "search" in record:
+        _print_search(record["search"])
+    if "evaluation" in record:
+        _print_evaluation(record["evaluation"])
+
+
+def _print_search(search: dict[str, Any]) -> None:
+    candidates = search["candidates"]
+    settings = [k for k in candidates[0] if k not in ("accuracy", "normalized", "mean_normalized")]
+    tasks = list(candidates[0]["normalized"])
+    table = Table(title=f"Search on the {search['split']} split (normalized score per task)")
+    for column in (*settings, *tasks, "mean"):
+        table.add_column(column, justify="right")
+    for row in candidates:
+        table.add_row(
+            *(f"{row[k]:g}" for k in settings),
+            *(f"{100 * row['normalized'][t]:.1f}" for t in tasks),
+            f"{100 * row['mean_normalized']:.1f}",
+        )
+    console.print(table)
+    console.print("chosen: " + ", ".join(f"{k} = {json.dumps(v)}" for k, v in search["chosen"].items()))
+
+
+def _print_evaluation(evaluation: dict[str, Any]) -> None:
+    tasks = list(evaluation["datasets"])
+    table = Table(
+        title=f"{evaluation['metric']} on the {evaluation['split']} split (%; normalized = / fine-tuned)"
+    )
+    for column in ("model", *tasks, "mean", "mean normalized"):
+        table.add_column(column, justify="right" if column != "model" else "left")
+    for name, row in evaluation["rows"].items():
+        table.add_row(
+            name,
+            *(f"{100 * row['accuracy'][t]:.2f}" for t in tasks),
+            f"{100 * row['mean_accuracy']:.2f}",
+            f"{100 * row['mean_normalized']:.1f}",
+        )
+    console.print(table)
 
 
 @app.command()
@@ -226,6 +264,31 @@ def _print_published(published: Any) -> None:
     console.print(f"pushed: {published.commit_url}", highlight=False, soft_wrap=True)
     if published.pr_url:
         console.print(f"pull request: {published.pr_url}", highlight=False, soft_wrap=True)
+
+
+@app.command(name="eval")
+def eval_command(
+    recipe: Annotated[
+        Path, typer.Argument(help="The recipe whose output to score (needs an `evaluation:` section).")
+    ],
+    output: Annotated[
+        Path | None,
+        typer.Option("--output", "-o", help="The output directory (default: the recipe's `output:`)."),
+    ] = None,
+    device: Annotated[str, typer.Option(help="cpu, cuda, or auto (the GPU when there is one).")] = "auto",
+) -> None:
+    """Score an existing output: zero-shot, fine-tuned and merged rows, absolute and normalized.
+
+    Writes the results into the output's hubmerge.json and model card (model-index).
+    """
+    from hubmerge.recipe import load_recipe
+    from hubmerge.run import evaluate_output
+
+    try:
+        evaluation = evaluate_output(load_recipe(recipe), str(recipe), output=output, device=device)
+    except HubmergeError as err:
+        raise _fail(err) from None
+    _print_evaluation(evaluation)
 
 
 @app.command()

@@ -18,6 +18,8 @@ TASK_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+(@[^\s@]+)?$")
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
 
+# Methods with a parameter the validation search chooses (α, k, λ per task).
+SEARCHABLE = ("task_arithmetic", "ties", "consensus", "tall_masks")
 OutputDtype = Literal["auto", "float32", "bfloat16", "float16"]
 
 
@@ -41,6 +43,63 @@ class PushTarget(Strict):
     export: Literal["none", "subfolders"] = "none"
 
 
+class EvalTask(Strict):
+    """Where one task's evaluation data is and how to read it."""
+
+    dataset: str | None = None  # a Hub dataset id ...
+    config: str | None = None
+    data_files: dict[str, str] | None = None  # ... or local files by split name (.jsonl/.json/.csv/.parquet)
+    splits: dict[str, str] = Field(default_factory=lambda: {"validation": "validation", "test": "test"})
+    text_column: str = "text"
+    image_column: str = "image"
+    label_column: str = "label"
+    label_names: list[str] | None = (
+        None  # class names for zero-shot heads (default: the dataset's ClassLabel)
+    )
+    templates: list[str] = Field(default_factory=lambda: ["a photo of a {}."])  # clip_zero_shot prompts
+    max_length: Annotated[int, Field(gt=0)] = 128
+    max_examples: Annotated[int, Field(gt=0)] | None = None
+
+    @model_validator(mode="after")
+    def _one_source(self) -> EvalTask:
+        if (self.dataset is None) == (self.data_files is None):
+            raise ValueError(
+                "give either `dataset` (a Hub dataset id) or `data_files` (local files by split)"
+            )
+        if any("{}" not in t for t in self.templates):
+            raise ValueError("every template needs a `{}` for the class name")
+        return self
+
+
+class Evaluation(Strict):
+    """How merged weights are scored: one head type, the metric, and each task's data."""
+
+    head: Literal["zero_shot_text", "clip_zero_shot", "sequence_classification"]
+    metric: str = "accuracy"
+    split: str = "test"  # what is reported; search uses `search.split`
+    batch_size: Annotated[int, Field(gt=0)] = 64
+    tasks: Annotated[dict[str, EvalTask], Field(min_length=1)]
+
+
+def _grid(low: float, high: float, step: float) -> list[float]:
+    return [round(low + i * step, 10) for i in range(round((high - low) / step) + 1)]
+
+
+class Search(Strict):
+    """Validation search: α for merges, λ per task for TALL masks, k for consensus (the paper's grids)."""
+
+    split: str = "validation"
+    scaling: Annotated[list[Annotated[float, Field(gt=0)]], Field(min_length=1)] = Field(
+        default_factory=lambda: _grid(0.1, 1.0, 0.1)
+    )
+    lambdas: Annotated[list[Annotated[float, Field(ge=0)]], Field(min_length=1)] = Field(
+        default_factory=lambda: _grid(0.2, 0.6, 0.1), alias="lambda"
+    )
+    k: Annotated[list[Annotated[int, Field(ge=0)]], Field(min_length=1)] = Field(
+        default_factory=lambda: [1, 2, 3]
+    )
+
+
 class Recipe(Strict):
     """A merge recipe, exactly as written in the YAML file (method parameters still raw)."""
 
@@ -56,6 +115,8 @@ class Recipe(Strict):
     # CLIPModel base: include: ["vision_model.*"]).
     include: Annotated[list[Annotated[str, Field(min_length=1)]], Field(min_length=1)] | None = None
     exclude: list[Annotated[str, Field(min_length=1)]] = Field(default_factory=list)
+    evaluation: Evaluation | None = None
+    search: Search | None = None
     push: PushTarget | None = None
 
     @model_validator(mode="after")
@@ -74,6 +135,23 @@ class Recipe(Strict):
                 raise ValueError(f"duplicate task name {name!r}: give the models distinct `name`s")
             seen.add(name)
         METHODS[self.method].validate(self.parameters, names)
+        if self.evaluation is not None:
+            unknown = sorted(set(self.evaluation.tasks) - set(names))
+            missing = [n for n in names if n not in self.evaluation.tasks]
+            if unknown:
+                raise ValueError(
+                    f"evaluation.tasks: {unknown[0]!r} is not a task of this recipe ({', '.join(names)})"
+                )
+            if missing:
+                raise ValueError(f"evaluation.tasks: task {missing[0]!r} has no evaluation data")
+        if self.search is not None:
+            if self.evaluation is None:
+                raise ValueError("search: needs an `evaluation:` section to score the candidates")
+            if self.method not in SEARCHABLE:
+                raise ValueError(f"search: {self.method} has no parameter to search ({', '.join(SEARCHABLE)} do)")
+            too_big = [k for k in self.search.k if k > len(names)]
+            if too_big:
+                raise ValueError(f"search.k: {too_big[0]} is more than the {len(names)} tasks")
         if self.push and self.push.export == "subfolders" and METHODS[self.method].result != "compressed":
             raise ValueError("push.export: subfolders applies to compressed artifacts only (this is a merge)")
         return self

@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
 import json
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import torch
 import yaml
 
 import hubmerge
@@ -27,9 +30,12 @@ from hubmerge.artifacts import (
 from hubmerge.card import write_card
 from hubmerge.engine import DEFAULT_BLOCK_ENTRIES, Engine, MergeJob, prepare, resolve_device
 from hubmerge.errors import HubmergeError
+from hubmerge.evaluation import Evaluator, Overlay, mean, normalized
 from hubmerge.hub import Published
 from hubmerge.lock import Lock
-from hubmerge.recipe import Recipe
+from hubmerge.methods import METHODS
+from hubmerge.recipe import ModelEntry, Recipe
+from hubmerge.search import SearchResult, overlay_of, read_overlay, run_search
 from hubmerge.sources import Checkpoint
 from hubmerge.writer import atomic_directory, check_output_path, copy_support_files
 
@@ -150,7 +156,9 @@ def run_recipe(
 ) -> RunResult:
     """Run a validated recipe end to end; the output directory appears only when everything is written.
 
-    With `push.export: subfolders`, every task's materialized model is part of that output.
+    With `search:`, the searched parameters are chosen on validation data first; with `evaluation:`, the
+    output is scored (zero-shot, fine-tuned and merged rows) before it appears. With `push.export:
+    subfolders`, every task's materialized model is part of that output.
     """
     target = resolve_output(recipe, Path(output) if output else None)
     check_output_path(target, overwrite)
@@ -158,20 +166,31 @@ def run_recipe(
         check_subfolder_names(recipe.task_names)
     torch_device = resolve_device(device)
     job = prepare(recipe, origin, token=token, endpoint=endpoint, lock=lock)
-    engine = Engine(job, torch_device, block_entries=block_entries, show_progress=show_progress)
-    started = time.perf_counter()
     try:
+        scoring = Scoring.start(job, torch_device) if recipe.evaluation else None
+        search = None
+        if scoring is not None and recipe.search is not None:
+            search = scoring.search(
+                job, target.resolve().parent, torch_device, token=token, endpoint=endpoint
+            )
+            job = with_parameters(job, search.parameters)
+        engine = Engine(job, torch_device, block_entries=block_entries, show_progress=show_progress)
+        started = time.perf_counter()
         with atomic_directory(target, overwrite) as staging:
             engine.collect_statistics()
             if job.spec.result == "merged":
                 engine.write_merged(staging, max_shard_size)
                 copy_support_files(job.base.directory, staging)
-                record = run_record(job, engine, time.perf_counter() - started)
-                (staging / MANIFEST).write_text(json.dumps(record, indent=2) + "\n")
             else:
                 writer = engine.write_artifact(staging, max_shard_size)
-                record = run_record(job, engine, time.perf_counter() - started)
+            record = run_record(job, engine, time.perf_counter() - started)
+            if job.spec.result == "compressed":
                 writer.close(record)
+            if search is not None:
+                record["search"] = search_record(search, recipe)
+            if scoring is not None:
+                record["evaluation"] = scoring.report(job, staging)
+            (staging / MANIFEST).write_text(json.dumps(record, indent=2) + "\n")
             (staging / RECIPE_FILE).write_text(pinned_recipe(job))
             if recipe.push and recipe.push.export == "subfolders":
                 export_subfolders(staging, max_shard_size=max_shard_size, token=token, endpoint=endpoint)
@@ -179,6 +198,159 @@ def run_recipe(
     finally:
         job.close()
     return RunResult(output=target, record=record)
+
+
+def with_parameters(job: MergeJob, parameters: dict[str, Any]) -> MergeJob:
+    """The same opened sources with other method parameters (the values a search chose)."""
+    recipe = job.recipe.model_copy(update={"parameters": parameters})
+    method = METHODS[recipe.method]
+    return dataclasses.replace(
+        job,
+        recipe=recipe,
+        spec=method.spec(parameters, recipe.task_names),
+        parameters=method.resolved_parameters(parameters, recipe.task_names),
+    )
+
+
+@dataclass
+class Scoring:
+    """The evaluator of a recipe plus the overlays every report needs: θ0 and each task's θ_t."""
+
+    evaluator: Evaluator
+    base: Overlay
+    finetuned: dict[str, Overlay]
+
+    @classmethod
+    def start(cls, job: MergeJob, device: torch.device) -> Scoring:
+        """Load data, models and heads, and check them, before any merge work."""
+        evaluation = job.recipe.evaluation
+        assert evaluation is not None
+        if job.base.directory is None or any(m.directory is None for m in job.models):
+            raise HubmergeError(
+                "evaluation: needs model directories (with config.json), not bare weight files"
+            )
+        task_dirs = {n: m.directory for n, m in zip(job.task_names, job.models, strict=True)}
+        evaluator = Evaluator(evaluation, job.base.directory, task_dirs, device)
+        splits = [evaluation.split] + ([job.recipe.search.split] if job.recipe.search else [])
+        evaluator.prepare(list(dict.fromkeys(splits)))
+        keys = job.merge_keys
+        return cls(
+            evaluator,
+            overlay_of(job.base.read, keys),
+            {n: overlay_of(m.read, keys) for n, m in zip(job.task_names, job.models, strict=True)},
+        )
+
+    def search(
+        self, job: MergeJob, workdir: Path, device: torch.device, *, token: str | None, endpoint: str | None
+    ) -> SearchResult:
+        """Run the recipe's search; candidate merges go to a temporary directory next to the output."""
+        pinned = job.recipe.model_copy(
+            update={
+                "base": pinned_source(job.base),
+                "models": [
+                    ModelEntry(source=pinned_source(m), name=n)
+                    for m, n in zip(job.models, job.task_names, strict=True)
+                ],
+                "dtype": "float32",
+                "evaluation": None,
+                "search": None,
+                "push": None,
+            }
+        )
+        workdir.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory(prefix=".hubmerge-search-", dir=workdir) as tmp:
+            counter = iter(range(1 << 30))
+
+            def run_variant(parameters: dict[str, Any]) -> Path:
+                variant = pinned.model_copy(update={"parameters": parameters})
+                target = Path(tmp) / f"candidate-{next(counter)}"
+                return run_recipe(
+                    variant, output=target, device=str(device), token=token, endpoint=endpoint
+                ).output
+
+            return run_search(job.recipe, self.base, self.finetuned, self.evaluator, run_variant)
+
+    def report(self, job: MergeJob, output: Path) -> dict[str, Any]:
+        """Zero-shot, fine-tuned and this output's scores on the evaluation split, absolute and normalized."""
+        evaluation = job.recipe.evaluation
+        assert evaluation is not None
+        split, tasks = evaluation.split, self.evaluator.tasks
+        scores = {
+            "zero-shot": {t: self.evaluator.score(t, self.base, split) for t in tasks},
+            "fine-tuned": {t: self.evaluator.score(t, self.finetuned[t], split) for t in tasks},
+        }
+        if job.spec.result == "merged":
+            weights = read_overlay(output, list(self.base))
+            scores[job.recipe.method] = {t: self.evaluator.score(t, weights, split) for t in tasks}
+        else:
+            merge = CompressedMerge.from_pretrained(output)
+            rebuilt = {t: merge.materialize(t) for t in tasks}
+            scores[job.recipe.method] = {
+                t: self.evaluator.score(t, {k: rebuilt[t][k] for k in self.base}, split) for t in tasks
+            }
+        rows = {}
+        for name, accuracy in scores.items():
+            norm = normalized(accuracy, scores["fine-tuned"])
+            rows[name] = {
+                "accuracy": accuracy,
+                "normalized": norm,
+                "mean_accuracy": mean(accuracy),
+                "mean_normalized": mean(norm),
+            }
+        return {
+            "head": evaluation.head,
+            "metric": evaluation.metric,
+            "split": split,
+            "datasets": {
+                t: {
+                    "dataset": spec.dataset or "local",
+                    "config": spec.config,
+                    "split": spec.splits.get(split, split),
+                }
+                for t, spec in evaluation.tasks.items()
+            },
+            "rows": rows,
+        }
+
+
+def evaluate_output(
+    recipe: Recipe,
+    origin: str = "<recipe>",
+    *,
+    output: str | Path | None = None,
+    device: str = "auto",
+    token: str | None = None,
+    endpoint: str | None = None,
+) -> dict[str, Any]:
+    """Score an existing output of `recipe` and record the result in its hubmerge.json and model card."""
+    if recipe.evaluation is None:
+        raise HubmergeError(f"{origin}: has no `evaluation:` section")
+    target = resolve_output(recipe, Path(output) if output else None)
+    manifest = target / MANIFEST
+    if not manifest.is_file():
+        raise HubmergeError(f"{target}: not a hubmerge output (no {MANIFEST}); run the recipe first")
+    record = json.loads(manifest.read_text())
+    job = prepare(recipe, origin, token=token, endpoint=endpoint)
+    try:
+        job = with_parameters(job, record["parameters"])  # score what was written, not the recipe's defaults
+        record["evaluation"] = Scoring.start(job, resolve_device(device)).report(job, target)
+    finally:
+        job.close()
+    staged = manifest.with_name(f".{MANIFEST}.tmp")
+    staged.write_text(json.dumps(record, indent=2) + "\n")
+    staged.replace(manifest)
+    write_card(target)
+    return record["evaluation"]
+
+
+def search_record(result: SearchResult, recipe: Recipe) -> dict[str, Any]:
+    assert recipe.search is not None
+    return {
+        "split": recipe.search.split,
+        "chosen": result.chosen,
+        "finetuned": result.finetuned,
+        "candidates": result.rows,
+    }
 
 
 def check_subfolder_names(tasks: list[str]) -> None:

@@ -1,0 +1,307 @@
+"""Evaluate merged weights on each task's data with its own head; the numbers behind search and model cards.
+
+Every candidate is an *overlay*: values for the merged tensors, loaded into a model built from the base (or,
+for `sequence_classification`, from the task's fine-tuned model, so each task keeps its own head). The
+zero-shot row overlays θ0, the fine-tuned row θ_t, a merge its result: all go through the same code.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from hubmerge.errors import HubmergeError
+from hubmerge.recipe import EvalTask, Evaluation
+
+Overlay = dict[str, torch.Tensor]
+DATA_FORMATS = {".json": "json", ".jsonl": "json", ".csv": "csv", ".parquet": "parquet"}
+LABEL_MAX_LENGTH = 16  # label names are a few words
+
+
+@dataclass(frozen=True)
+class Examples:
+    """One split of one task: model inputs (texts or images), integer labels and the class names."""
+
+    inputs: list[Any]
+    labels: torch.Tensor
+    label_names: list[str]
+
+
+def load_examples(task: str, spec: EvalTask, split: str, head: str) -> Examples:
+    """Read `split` of a task's dataset (Hub id or local files) and check its columns and labels."""
+    import datasets
+
+    datasets.disable_progress_bars()  # one bar per split of a small local file is noise, not progress
+    name = spec.splits.get(split, split)
+    where = f"evaluation.tasks.{task}"
+    try:
+        if spec.data_files:
+            if name not in spec.data_files:
+                raise HubmergeError(
+                    f"{where}.data_files: no file for split {name!r} (have {sorted(spec.data_files)})"
+                )
+            path = Path(spec.data_files[name])
+            fmt = DATA_FORMATS.get(path.suffix)
+            if fmt is None:
+                raise HubmergeError(f"{where}.data_files: {path}: use .json, .jsonl, .csv or .parquet")
+            if not path.is_file():
+                raise HubmergeError(f"{where}.data_files: {path} not found")
+            data = datasets.load_dataset(fmt, data_files={name: str(path)}, split=name)
+        else:
+            data = datasets.load_dataset(spec.dataset, spec.config, split=name)
+    except (ValueError, FileNotFoundError, datasets.exceptions.DatasetNotFoundError) as err:
+        raise HubmergeError(f"{where}: cannot load split {name!r}: {str(err).splitlines()[0]}") from None
+    input_column = spec.image_column if head == "clip_zero_shot" else spec.text_column
+    for kind, column in (("input", input_column), ("label", spec.label_column)):
+        if column not in data.column_names:
+            raise HubmergeError(
+                f"{where}: split {name!r} has no {kind} column {column!r} (columns: {', '.join(data.column_names)})"
+            )
+    if spec.max_examples is not None:
+        data = data.select(range(min(spec.max_examples, len(data))))
+    if len(data) == 0:
+        raise HubmergeError(f"{where}: split {name!r} is empty")
+    label_names = spec.label_names or _class_names(data, spec.label_column)
+    if label_names is None:
+        raise HubmergeError(
+            f"{where}: give `label_names` (the label column {spec.label_column!r} has no names)"
+        )
+    labels = torch.tensor(data[spec.label_column], dtype=torch.int64)
+    bad = labels[(labels < 0) | (labels >= len(label_names))]
+    if bad.numel():
+        raise HubmergeError(
+            f"{where}: label {int(bad[0])} in split {name!r} is out of range for {len(label_names)} classes"
+        )
+    return Examples(list(data[input_column]), labels, label_names)
+
+
+def _class_names(data: Any, column: str) -> list[str] | None:
+    feature = data.features[column]
+    return list(feature.names) if hasattr(feature, "names") else None
+
+
+def batches(items: list[Any], size: int) -> Iterator[list[Any]]:
+    for start in range(0, len(items), size):
+        yield items[start : start + size]
+
+
+def mean_pool(hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """Attention-masked mean over tokens, as sentence-transformers pools its encoders."""
+    mask = attention_mask.unsqueeze(-1).to(hidden.dtype)
+    return (hidden * mask).sum(1) / mask.sum(1).clamp(min=1.0)
+
+
+class Evaluator:
+    """Scores overlays on every task of an `evaluation:` section; models and data are loaded once.
+
+    Args:
+        evaluation: the recipe's evaluation section.
+        base_dir: the base model's directory (config, tokenizer or processor).
+        task_dirs: each task's fine-tuned model directory (used by `sequence_classification`).
+        device: where models and batches go.
+    """
+
+    def __init__(
+        self, evaluation: Evaluation, base_dir: Path, task_dirs: dict[str, Path], device: torch.device
+    ):
+        self.evaluation = evaluation
+        self.base_dir = base_dir
+        self.task_dirs = task_dirs
+        self.device = device
+        self._data: dict[tuple[str, str], Examples] = {}
+        self._models: dict[str, torch.nn.Module] = {}
+        self._heads: dict[str, torch.Tensor] = {}
+        self._tokenizers: dict[Any, Any] = {}
+        self._prepared = False
+
+    @property
+    def tasks(self) -> list[str]:
+        return list(self.evaluation.tasks)
+
+    def examples(self, task: str, split: str) -> Examples:
+        if (task, split) not in self._data:
+            self._data[task, split] = load_examples(
+                task, self.evaluation.tasks[task], split, self.evaluation.head
+            )
+        return self._data[task, split]
+
+    def prepare(self, splits: list[str]) -> None:
+        """Load every task's data for `splits`, the models and the zero-shot heads.
+
+        Runs before any overlay: the heads must come from the base weights. Bad input (a missing column,
+        a label out of range, a head that does not fit the model) fails here, before any merge work.
+        """
+        for task in self.tasks:
+            self._model(task)  # first: a head that does not fit the model is the more useful error
+            for split in splits:
+                data = self.examples(task, split)
+            if self.evaluation.head != "sequence_classification":
+                self._label_embeddings(task, data.label_names)
+        self._prepared = True
+
+    # -- models ---------------------------------------------------------------------------------------------
+
+    def _model(self, task: str) -> torch.nn.Module:
+        key = task if self.evaluation.head == "sequence_classification" else "base"
+        if key not in self._models:
+            self._models[key] = self._build_model(task).to(self.device).eval()
+        return self._models[key]
+
+    def _build_model(self, task: str) -> torch.nn.Module:
+        from transformers import AutoModel, AutoModelForSequenceClassification, CLIPModel
+
+        head = self.evaluation.head
+        try:
+            if head == "sequence_classification":
+                return AutoModelForSequenceClassification.from_pretrained(self.task_dirs[task])
+            model = AutoModel.from_pretrained(self.base_dir)
+        except (OSError, ValueError) as err:
+            raise HubmergeError(
+                f"evaluation: cannot load the model for head {head}: {str(err).splitlines()[0]}"
+            ) from None
+        if head == "clip_zero_shot" and not isinstance(model, CLIPModel):
+            raise HubmergeError(
+                f"evaluation.head clip_zero_shot needs a CLIPModel base (text and vision towers); "
+                f"{self.base_dir} loads as {type(model).__name__}"
+            )
+        if head == "zero_shot_text" and not hasattr(model, "get_input_embeddings"):
+            raise HubmergeError(
+                f"evaluation.head zero_shot_text needs a text encoder; got {type(model).__name__}"
+            )
+        return model
+
+    def _tokenizer(self, task: str) -> Any:
+        from transformers import AutoTokenizer
+
+        where = self.task_dirs[task] if self.evaluation.head == "sequence_classification" else self.base_dir
+        if where not in self._tokenizers:
+            try:
+                self._tokenizers[where] = AutoTokenizer.from_pretrained(where)
+            except (OSError, ValueError) as err:
+                raise HubmergeError(
+                    f"evaluation: no tokenizer in {where}: {str(err).splitlines()[0]}"
+                ) from None
+        return self._tokenizers[where]
+
+    @torch.no_grad()
+    def _apply(self, model: torch.nn.Module, overlay: Overlay) -> None:
+        """Copy the overlay into the model's weights in place (no reallocation per candidate)."""
+        state = model.state_dict()
+        unknown = [k for k in overlay if k not in state]
+        if unknown:
+            raise HubmergeError(
+                f"evaluation: tensor {unknown[0]!r} of the merge is not a weight of {type(model).__name__} "
+                f"(the head does not fit this model)"
+            )
+        for key, value in overlay.items():
+            state[key].copy_(value)
+
+    # -- heads ----------------------------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def _label_embeddings(self, task: str, label_names: list[str]) -> torch.Tensor:
+        """Frozen zero-shot head: class-name embeddings by the *base* model, computed before any overlay."""
+        if task not in self._heads:
+            model, tokenizer = self._model(task), self._tokenizer(task)
+            if self.evaluation.head == "clip_zero_shot":
+                templates = self.evaluation.tasks[task].templates
+                rows = []
+                for name in label_names:
+                    enc = tokenizer([t.format(name) for t in templates], padding=True, return_tensors="pt")
+                    enc = {k: v.to(self.device) for k, v in enc.items()}
+                    text = model.text_projection(model.text_model(**enc).pooler_output)
+                    rows.append(
+                        torch.nn.functional.normalize(
+                            torch.nn.functional.normalize(text, dim=-1).mean(0), dim=0
+                        )
+                    )
+                self._heads[task] = torch.stack(rows)
+            else:
+                enc = tokenizer(
+                    label_names,
+                    padding=True,
+                    truncation=True,
+                    max_length=LABEL_MAX_LENGTH,
+                    return_tensors="pt",
+                )
+                enc = {k: v.to(self.device) for k, v in enc.items()}
+                pooled = mean_pool(model(**enc).last_hidden_state, enc["attention_mask"])
+                self._heads[task] = torch.nn.functional.normalize(pooled, dim=-1)
+        return self._heads[task]
+
+    def _predict(self, task: str, model: torch.nn.Module, batch: list[Any]) -> torch.Tensor:
+        spec = self.evaluation.tasks[task]
+        head = self.evaluation.head
+        if head == "clip_zero_shot":
+            pixels = self._processor()(images=[image.convert("RGB") for image in batch], return_tensors="pt")
+            image = model.visual_projection(
+                model.vision_model(pixel_values=pixels["pixel_values"].to(self.device)).pooler_output
+            )
+            return torch.nn.functional.normalize(image, dim=-1) @ self._heads[task].T
+        enc = self._tokenizer(task)(
+            batch, padding=True, truncation=True, max_length=spec.max_length, return_tensors="pt"
+        )
+        enc = {k: v.to(self.device) for k, v in enc.items()}
+        if head == "sequence_classification":
+            return model(**enc).logits
+        features = mean_pool(model(**enc).last_hidden_state, enc["attention_mask"])
+        return torch.nn.functional.normalize(features, dim=-1) @ self._heads[task].T
+
+    def _processor(self) -> Any:
+        from transformers import AutoImageProcessor
+
+        if "image" not in self._tokenizers:
+            try:
+                self._tokenizers["image"] = AutoImageProcessor.from_pretrained(self.base_dir)
+            except (OSError, ValueError) as err:
+                raise HubmergeError(
+                    f"evaluation: no image processor in {self.base_dir}: {str(err).splitlines()[0]}"
+                ) from None
+        return self._tokenizers["image"]
+
+    @torch.no_grad()
+    def score(self, task: str, overlay: Overlay, split: str) -> float:
+        """The metric of `task` on `split` with the overlay's weights (accuracy unless the recipe says otherwise)."""
+        if not self._prepared:
+            raise RuntimeError("Evaluator.prepare() must run before the first overlay")
+        data = self.examples(task, split)
+        model = self._model(task)
+        self._apply(model, overlay)
+        predictions = torch.cat(
+            [
+                self._predict(task, model, batch).argmax(-1).cpu()
+                for batch in batches(data.inputs, self.evaluation.batch_size)
+            ]
+        )
+        return metric(self.evaluation.metric)(predictions, data.labels)
+
+
+def metric(name: str) -> Callable[[torch.Tensor, torch.Tensor], float]:
+    """Accuracy is computed here (works offline); other names go through `evaluate.load`."""
+    if name == "accuracy":
+        return lambda predictions, labels: float((predictions == labels).double().mean())
+    import evaluate
+
+    try:
+        loaded = evaluate.load(name)
+    except Exception as err:  # evaluate raises many types (network, missing module, bad name)
+        raise HubmergeError(f"evaluation.metric {name!r}: cannot load it with `evaluate`: {err}") from None
+
+    def compute(predictions: torch.Tensor, labels: torch.Tensor) -> float:
+        result = loaded.compute(predictions=predictions.tolist(), references=labels.tolist())
+        return float(result[name] if name in result else next(iter(result.values())))
+
+    return compute
+
+
+def normalized(accuracy: dict[str, float], finetuned: dict[str, float]) -> dict[str, float]:
+    """Per task: accuracy / that task's fine-tuned accuracy (the paper's normalized accuracy)."""
+    return {t: (accuracy[t] / finetuned[t] if finetuned[t] else float("nan")) for t in accuracy}
+
+
+def mean(values: dict[str, float]) -> float:
+    return sum(values.values()) / len(values) if values else float("nan")
