@@ -17,10 +17,11 @@ $(VENV)/.installed: pyproject.toml
 
 demo: setup
 	$(PY) demo/prepare.py
-	$(VENV)/bin/hubmerge run demo/recipes/tall.yaml --overwrite --quiet
-	$(VENV)/bin/hubmerge inspect out/demo-tall
+	$(VENV)/bin/hubmerge run demo/recipes/ta.yaml --overwrite --quiet
+	$(VENV)/bin/hubmerge run demo/recipes/consensus.yaml --overwrite --quiet
+	$(VENV)/bin/hubmerge run demo/recipes/tall.yaml --overwrite
 	$(VENV)/bin/hubmerge materialize out/demo-tall --task unicode_category --output out/demo-unicode_category --overwrite
-	$(VENV)/bin/hubmerge run demo/recipes/consensus.yaml --overwrite
+	$(PY) demo/report.py out/demo-ta out/demo-consensus out/demo-tall
 
 test: setup lint
 	$(PY) -m pytest

@@ -148,7 +148,9 @@ class Recipe(Strict):
             if self.evaluation is None:
                 raise ValueError("search: needs an `evaluation:` section to score the candidates")
             if self.method not in SEARCHABLE:
-                raise ValueError(f"search: {self.method} has no parameter to search ({', '.join(SEARCHABLE)} do)")
+                raise ValueError(
+                    f"search: {self.method} has no parameter to search ({', '.join(SEARCHABLE)} do)"
+                )
             too_big = [k for k in self.search.k if k > len(names)]
             if too_big:
                 raise ValueError(f"search.k: {too_big[0]} is more than the {len(names)} tasks")

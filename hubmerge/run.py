@@ -153,6 +153,7 @@ def run_recipe(
     token: str | None = None,
     endpoint: str | None = None,
     lock: Lock | None = None,
+    model_card: bool = True,
 ) -> RunResult:
     """Run a validated recipe end to end; the output directory appears only when everything is written.
 
@@ -194,7 +195,8 @@ def run_recipe(
             (staging / RECIPE_FILE).write_text(pinned_recipe(job))
             if recipe.push and recipe.push.export == "subfolders":
                 export_subfolders(staging, max_shard_size=max_shard_size, token=token, endpoint=endpoint)
-            write_card(staging, repo_id=recipe.push.repo_id if recipe.push else None)
+            if model_card:
+                write_card(staging, repo_id=recipe.push.repo_id if recipe.push else None)
     finally:
         job.close()
     return RunResult(output=target, record=record)
@@ -265,7 +267,12 @@ class Scoring:
                 variant = pinned.model_copy(update={"parameters": parameters})
                 target = Path(tmp) / f"candidate-{next(counter)}"
                 return run_recipe(
-                    variant, output=target, device=str(device), token=token, endpoint=endpoint
+                    variant,
+                    output=target,
+                    device=str(device),
+                    token=token,
+                    endpoint=endpoint,
+                    model_card=False,
                 ).output
 
             return run_search(job.recipe, self.base, self.finetuned, self.evaluator, run_variant)
