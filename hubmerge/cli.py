@@ -244,17 +244,8 @@ def run(
         f"read {_human(result.record['bytes_read'])})"
     )
     if parsed.push and push:
-        target = parsed.push
         try:
-            published = publish_output(
-                result.output,
-                target.repo_id,
-                private=target.private,
-                revision=target.revision,
-                create_pr=target.create_pr,
-                commit_message=target.commit_message,
-                export=target.export,
-            )
+            published = publish_output(result.output, parsed.push)
         except HubmergeError as err:
             raise _fail(err) from None
         _print_published(published)
@@ -350,20 +341,28 @@ def push_command(
 
     Rewrites the output's README.md (model card) for REPO_ID first. Safe to re-run after a failed upload.
     """
+    from pydantic import ValidationError
+
+    from hubmerge.recipe import PushTarget
     from hubmerge.run import publish_output
 
-    if export not in ("none", "subfolders"):
-        raise _fail(HubmergeError(f"--export {export}: choose none or subfolders"))
     try:
-        published = publish_output(
-            output,
-            repo_id,
+        target = PushTarget(
+            repo_id=repo_id,
             private=private,
             revision=revision,
             create_pr=create_pr,
             commit_message=message,
             export=export,
         )
+    except ValidationError as err:
+        first = err.errors()[0]
+        field = ".".join(str(p) for p in first["loc"])
+        raise _fail(
+            HubmergeError(f"{'REPO_ID' if field == 'repo_id' else '--' + field}: {first['msg']}")
+        ) from None
+    try:
+        published = publish_output(output, target)
     except HubmergeError as err:
         raise _fail(err) from None
     _print_published(published)

@@ -17,7 +17,7 @@ from huggingface_hub import constants as hf_constants
 from huggingface_hub import errors as hf_errors
 
 from hubmerge.errors import HubmergeError
-from hubmerge.recipe import split_revision
+from hubmerge.recipe import PushTarget, split_revision
 
 SAFETENSORS_INDEX = "model.safetensors.index.json"
 BIN_INDEX = "pytorch_model.bin.index.json"
@@ -169,21 +169,14 @@ class Published:
 
 
 def publish(
-    directory: Path,
-    repo_id: str,
-    *,
-    private: bool = False,
-    revision: str | None = None,
-    create_pr: bool = False,
-    commit_message: str | None = None,
-    token: str | None = None,
-    endpoint: str | None = None,
+    directory: Path, target: PushTarget, *, token: str | None = None, endpoint: str | None = None
 ) -> Published:
     """Upload an output directory as one commit (files the repo already has are skipped by the client)."""
+    repo_id, revision = target.repo_id, target.revision
     api = HfApi(endpoint=endpoint, token=token)
     hint = f"the local output {directory} is complete; re-run `hubmerge push {directory} {repo_id}`"
     try:
-        repo_url = api.create_repo(repo_id, private=private, exist_ok=True)
+        repo_url = api.create_repo(repo_id, private=target.private, exist_ok=True)
         if revision and revision != "main":
             # upload_folder does not create branches; a PR against a missing branch fails too.
             api.create_branch(repo_id, branch=revision, exist_ok=True)
@@ -191,8 +184,8 @@ def publish(
             repo_id=repo_id,
             folder_path=directory,
             revision=revision,
-            create_pr=create_pr,
-            commit_message=commit_message or f"Upload {directory.name} with hubmerge",
+            create_pr=target.create_pr,
+            commit_message=target.commit_message or f"Upload {directory.name} with hubmerge",
         )
     except hf_errors.HfHubHTTPError as err:
         status = err.response.status_code if err.response is not None else None

@@ -34,7 +34,7 @@ from hubmerge.evaluation import Evaluator, Overlay, mean, normalized
 from hubmerge.hub import Published
 from hubmerge.lock import Lock
 from hubmerge.methods import METHODS
-from hubmerge.recipe import ModelEntry, Recipe
+from hubmerge.recipe import ModelEntry, PushTarget, Recipe
 from hubmerge.search import SearchResult, overlay_of, read_overlay, run_search
 from hubmerge.sources import Checkpoint
 from hubmerge.writer import atomic_directory, check_output_path, copy_support_files
@@ -385,32 +385,14 @@ def export_subfolders(
 
 
 def publish_output(
-    directory: Path,
-    repo_id: str,
-    *,
-    private: bool = False,
-    revision: str | None = None,
-    create_pr: bool = False,
-    commit_message: str | None = None,
-    export: str = "none",
-    token: str | None = None,
-    endpoint: str | None = None,
+    directory: Path, target: PushTarget, *, token: str | None = None, endpoint: str | None = None
 ) -> Published:
     """Push a finished output directory to a Hub repo, with its card written for that repo."""
     if not (directory / MANIFEST).is_file():
         raise HubmergeError(f"{directory}: not a hubmerge output (no {MANIFEST}); run a recipe first")
-    if export == "subfolders":
+    if target.export == "subfolders":
         if json.loads((directory / MANIFEST).read_text())["result"] != "compressed":
             raise HubmergeError(f"{directory}: --export subfolders applies to compressed artifacts only")
         export_subfolders(directory, token=token, endpoint=endpoint)
-    write_card(directory, repo_id=repo_id)
-    return hub.publish(
-        directory,
-        repo_id,
-        private=private,
-        revision=revision,
-        create_pr=create_pr,
-        commit_message=commit_message,
-        token=token,
-        endpoint=endpoint,
-    )
+    write_card(directory, repo_id=target.repo_id)
+    return hub.publish(directory, target, token=token, endpoint=endpoint)

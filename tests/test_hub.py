@@ -422,3 +422,18 @@ def test_merged_model_loads_with_the_task_specific_auto_class(
     written = load_file(tmp_path / "out" / "model.safetensors")
     state = loaded.state_dict()
     assert all(torch.equal(state[k], v) for k, v in written.items())
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["not a repo id"], "REPO_ID: String should match pattern"),
+        (["alice/x", "--export", "everything"], "--export: Input should be 'none' or 'subfolders'"),
+    ],
+)
+def test_push_refuses_bad_arguments_before_any_request(hub: HubServer, tmp_path: Path, args, message) -> None:
+    hub.requests.clear()
+    result = invoke("push", tmp_path, *args)
+    assert result.exit_code == 2
+    assert message in " ".join(result.output.split())
+    assert hub.requests == []
