@@ -17,11 +17,8 @@ from safetensors.torch import save_file
 from transformers import (
     AutoModel,
     AutoTokenizer,
-    BertConfig,
     BertForSequenceClassification,
     BertModel,
-    BertTokenizerFast,
-    CLIPConfig,
     CLIPImageProcessor,
     CLIPModel,
     CLIPVisionModel,
@@ -34,6 +31,7 @@ from hubmerge.evaluation import mean, normalized
 from hubmerge.recipe import parse_recipe
 from hubmerge.search import run_search
 from tests import golden
+from tests.tiny_models import bert_config, clip_config, perturb_, wordpiece_tokenizer
 
 runner = CliRunner()
 WORDS = [
@@ -65,23 +63,12 @@ def write_jsonl(path: Path, rows: list[dict]) -> str:
 def text_models(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A tiny BERT base with a WordPiece tokenizer, two perturbed copies, and two small labelled tasks."""
     root = tmp_path_factory.mktemp("text")
-    vocab = root / "vocab.txt"
-    vocab.write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *WORDS]) + "\n")
-    tokenizer = BertTokenizerFast(vocab_file=str(vocab))
+    tokenizer = wordpiece_tokenizer(root, WORDS)
     torch.manual_seed(0)
-    config = BertConfig(
-        vocab_size=len(WORDS) + 5,
-        hidden_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        intermediate_size=37,
-    )
-    model = BertModel(config).eval()
+    model = BertModel(bert_config(vocab_size=len(WORDS) + 5)).eval()
     for name in ("base", *LABELS):
         if name != "base":
-            with torch.no_grad():
-                for p in model.parameters():
-                    p.add_(0.05 * torch.randn_like(p))
+            perturb_(model, 0.05)
         model.save_pretrained(root / name)
         tokenizer.save_pretrained(root / name)
     generator = torch.Generator().manual_seed(1)
@@ -288,23 +275,12 @@ def test_eval_command_scores_an_existing_output(text_models: Path, tmp_path: Pat
 
 def test_sequence_classification_keeps_each_tasks_head(tmp_path: Path) -> None:
     root = tmp_path / "cls"
-    vocab = tmp_path / "vocab.txt"
-    vocab.write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *WORDS]) + "\n")
-    tokenizer = BertTokenizerFast(vocab_file=str(vocab))
+    tokenizer = wordpiece_tokenizer(tmp_path, WORDS)
     torch.manual_seed(3)
-    config = BertConfig(
-        vocab_size=len(WORDS) + 5,
-        hidden_size=32,
-        num_hidden_layers=1,
-        num_attention_heads=2,
-        intermediate_size=37,
-        num_labels=3,
-    )
+    config = bert_config(vocab_size=len(WORDS) + 5, num_hidden_layers=1, num_labels=3)
     model = BertForSequenceClassification(config).eval()
     for name in ("base", "colors", "animals"):
-        with torch.no_grad():
-            for p in model.parameters():
-                p.add_(0.05 * torch.randn_like(p))
+        perturb_(model, 0.05)
         model.save_pretrained(root / name)
         tokenizer.save_pretrained(root / name)
     rows = [{"text": f"{w} {w}", "label": i % 3} for i, w in enumerate(WORDS)]
@@ -345,25 +321,7 @@ def clip_models(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
     root = tmp_path_factory.mktemp("clip")
     torch.manual_seed(0)
-    config = CLIPConfig(
-        text_config={
-            "vocab_size": 40,
-            "hidden_size": 32,
-            "intermediate_size": 37,
-            "num_hidden_layers": 1,
-            "num_attention_heads": 2,
-            "max_position_embeddings": 16,
-        },
-        vision_config={
-            "hidden_size": 32,
-            "intermediate_size": 37,
-            "num_hidden_layers": 1,
-            "num_attention_heads": 2,
-            "image_size": 32,
-            "patch_size": 8,
-        },
-        projection_dim=16,
-    )
+    config = clip_config(text_vocab_size=40)
     CLIPModel(config).save_pretrained(root / "base")
     vocab = {w: i for i, w in enumerate(["<pad>", "<unk>", "a", "photo", "of", "red", "green", "blue", "."])}
     word_level = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
@@ -376,9 +334,7 @@ def clip_models(tmp_path_factory: pytest.TempPathFactory) -> Path:
     )
     for task in ("shapes", "colors"):
         vision = CLIPVisionModel.from_pretrained(root / "base")
-        with torch.no_grad():
-            for p in vision.parameters():
-                p.add_(0.02 * torch.randn_like(p))
+        perturb_(vision, 0.02)
         vision.save_pretrained(root / task)
     generator = torch.Generator().manual_seed(2)
     images = [

@@ -17,7 +17,6 @@ from safetensors.torch import load_file
 from transformers import (
     AutoModel,
     AutoModelForSequenceClassification,
-    BertConfig,
     BertForSequenceClassification,
     BertModel,
 )
@@ -28,6 +27,7 @@ from hubmerge.cli import app
 from hubmerge.errors import HubmergeError
 from hubmerge.hub import resolve
 from tests.hubserver import HubServer
+from tests.tiny_models import bert_config, perturb_
 
 runner = CliRunner()
 BASE_CARD = "---\nlicense: apache-2.0\npipeline_tag: feature-extraction\n---\n# tiny base\n"
@@ -39,16 +39,11 @@ def checkpoints(tmp_path_factory: pytest.TempPathFactory) -> dict[str, dict[str,
     """A tiny BERT base (with a card) and two perturbed copies, as the files of their repos."""
     root = tmp_path_factory.mktemp("hub-models")
     torch.manual_seed(0)
-    config = BertConfig(
-        hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=37, vocab_size=99
-    )
-    model = BertModel(config).eval()
+    model = BertModel(bert_config()).eval()
     repos = {}
     for i, name in enumerate(("tiny-base", *TASKS)):
         if i:
-            with torch.no_grad():
-                for p in model.parameters():
-                    p.add_(0.01 * torch.randn_like(p) * (torch.rand_like(p) < 0.5))
+            perturb_(model, 0.01, keep=0.5)
         model.save_pretrained(root / name)
         repos[name] = {p.name: p.read_bytes() for p in (root / name).iterdir() if p.is_file()}
     repos["tiny-base"]["README.md"] = BASE_CARD.encode()
@@ -397,19 +392,9 @@ def test_merged_model_loads_with_the_task_specific_auto_class(
     hub: HubServer, logged_in: str, tmp_path: Path
 ) -> None:
     torch.manual_seed(1)
-    config = BertConfig(
-        hidden_size=32,
-        num_hidden_layers=1,
-        num_attention_heads=2,
-        intermediate_size=37,
-        vocab_size=99,
-        num_labels=3,
-    )
-    model = BertForSequenceClassification(config).eval()
+    model = BertForSequenceClassification(bert_config(num_hidden_layers=1, num_labels=3)).eval()
     for name in ("cls-base", *TASKS):
-        with torch.no_grad():
-            for p in model.parameters():
-                p.add_(0.01 * torch.randn_like(p))
+        perturb_(model, 0.01)
         model.save_pretrained(tmp_path / name)
         hub.seed_repo(f"alice/{name}", local_files(tmp_path / name))
     recipe = write_recipe(tmp_path, push={"repo_id": "alice/cls-merged"})

@@ -12,11 +12,12 @@ import pytest
 import torch
 import yaml
 from safetensors.torch import load_file
-from transformers import AutoModel, CLIPConfig, CLIPModel, CLIPVisionModel
+from transformers import AutoModel, CLIPModel, CLIPVisionModel
 from typer.testing import CliRunner
 
 from hubmerge import CompressedMerge
 from hubmerge.cli import app
+from tests.tiny_models import clip_config, perturb_
 
 runner = CliRunner()
 TASKS = ("cars", "dtd")
@@ -26,31 +27,11 @@ TASKS = ("cars", "dtd")
 def clip(tmp_path_factory: pytest.TempPathFactory) -> Path:
     root = tmp_path_factory.mktemp("clip")
     torch.manual_seed(0)
-    config = CLIPConfig(
-        text_config={
-            "vocab_size": 99,
-            "hidden_size": 32,
-            "intermediate_size": 37,
-            "num_hidden_layers": 2,
-            "num_attention_heads": 2,
-            "max_position_embeddings": 16,
-        },
-        vision_config={
-            "hidden_size": 32,
-            "intermediate_size": 37,
-            "num_hidden_layers": 2,
-            "num_attention_heads": 2,
-            "image_size": 32,
-            "patch_size": 8,
-        },
-        projection_dim=16,
-    )
+    config = clip_config()
     CLIPModel(config).save_pretrained(root / "base")
     for task in TASKS:
         vision = CLIPVisionModel.from_pretrained(root / "base")
-        with torch.no_grad():
-            for p in vision.parameters():
-                p.add_(0.01 * torch.randn_like(p))
+        perturb_(vision, 0.01)
         vision.save_pretrained(root / task)
     return root
 
