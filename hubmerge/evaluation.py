@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
 
 from hubmerge.errors import HubmergeError
 from hubmerge.recipe import EvalTask, Evaluation
@@ -103,12 +104,19 @@ class Evaluator:
         base_dir: the base model's directory (config, tokenizer or processor).
         task_dirs: each task's fine-tuned model directory (used by `sequence_classification`).
         device: where models and batches go.
+        show_progress: a transient progress bar per scored split.
     """
 
     def __init__(
-        self, evaluation: Evaluation, base_dir: Path, task_dirs: dict[str, Path], device: torch.device
+        self,
+        evaluation: Evaluation,
+        base_dir: Path,
+        task_dirs: dict[str, Path],
+        device: torch.device,
+        show_progress: bool = False,
     ):
         self.evaluation = evaluation
+        self.show_progress = show_progress
         self.base_dir = base_dir
         self.task_dirs = task_dirs
         self.device = device
@@ -272,12 +280,20 @@ class Evaluator:
         model = self._model(task)
         self._apply(model, overlay)
         order = self._order(data)
-        predicted = torch.cat(
-            [
-                self._predict(task, model, [data.inputs[i] for i in chunk]).argmax(-1).cpu()
-                for chunk in batches(order, self.evaluation.batch_size)
-            ]
-        )
+        chunks = list(batches(order, self.evaluation.batch_size))
+        with Progress(
+            TextColumn(f"evaluating {task} ({split})"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            disable=not self.show_progress,
+            transient=True,
+        ) as progress:
+            bar = progress.add_task("", total=len(chunks))
+            outputs = []
+            for chunk in chunks:
+                outputs.append(self._predict(task, model, [data.inputs[i] for i in chunk]).argmax(-1).cpu())
+                progress.advance(bar)
+        predicted = torch.cat(outputs)
         predictions = torch.empty_like(predicted)
         predictions[torch.tensor(order, dtype=torch.int64)] = predicted
         return metric(self.evaluation.metric)(predictions, data.labels)

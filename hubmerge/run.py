@@ -168,7 +168,7 @@ def run_recipe(
     torch_device = resolve_device(device)
     job = prepare(recipe, origin, token=token, endpoint=endpoint, lock=lock)
     try:
-        scoring = Scoring.start(job, torch_device) if recipe.evaluation else None
+        scoring = Scoring.start(job, torch_device, show_progress) if recipe.evaluation else None
         search = None
         if scoring is not None and recipe.search is not None:
             search = scoring.search(
@@ -223,7 +223,7 @@ class Scoring:
     finetuned: dict[str, Overlay]
 
     @classmethod
-    def start(cls, job: MergeJob, device: torch.device) -> Scoring:
+    def start(cls, job: MergeJob, device: torch.device, show_progress: bool = False) -> Scoring:
         """Load data, models and heads, and check them, before any merge work."""
         evaluation = job.recipe.evaluation
         assert evaluation is not None
@@ -232,7 +232,7 @@ class Scoring:
                 "evaluation: needs model directories (with config.json), not bare weight files"
             )
         task_dirs = {n: m.directory for n, m in zip(job.task_names, job.models, strict=True)}
-        evaluator = Evaluator(evaluation, job.base.directory, task_dirs, device)
+        evaluator = Evaluator(evaluation, job.base.directory, task_dirs, device, show_progress)
         splits = [evaluation.split] + ([job.recipe.search.split] if job.recipe.search else [])
         evaluator.prepare(list(dict.fromkeys(splits)))
         keys = job.merge_keys
@@ -340,7 +340,9 @@ def evaluate_output(
     job = prepare(recipe, origin, token=token, endpoint=endpoint)
     try:
         job = with_parameters(job, record["parameters"])  # score what was written, not the recipe's defaults
-        record["evaluation"] = Scoring.start(job, resolve_device(device)).report(job, target)
+        record["evaluation"] = Scoring.start(job, resolve_device(device), show_progress=True).report(
+            job, target
+        )
     finally:
         job.close()
     staged = manifest.with_name(f".{MANIFEST}.tmp")
