@@ -26,13 +26,15 @@ import torch
 from huggingface_hub import ModelHubMixin
 from safetensors import safe_open
 
+from hubmerge.distributed import Group
 from hubmerge.errors import HubmergeError
 from hubmerge.sources import Checkpoint, resolve_source
 from hubmerge.writer import (
-    SafetensorsStream,
-    ShardedStream,
+    SafetensorsFile,
+    ShardedFiles,
     Slot,
-    SpooledSafetensors,
+    ValueSpool,
+    assemble_spooled,
     atomic_directory,
     copy_support_files,
 )
@@ -70,7 +72,7 @@ def output_dtype(name: str, stored: torch.dtype) -> torch.dtype:
 
 
 class ArtifactWriter:
-    """Writes an artifact directory piece by piece, in the order the keys are declared."""
+    """Writes an artifact directory piece by piece; pieces may come in any order and from several processes."""
 
     def __init__(
         self,
@@ -81,15 +83,16 @@ class ArtifactWriter:
         shared_vector: bool,
         own_values: bool,
         max_shard_size: int | str,
+        rank: int = 0,
     ):
         self.directory = directory
-        (directory / MASK_DIR).mkdir()
+        self._keys = list(shapes)
         shape_meta = {
             "hubmerge.shapes": json.dumps({k: list(s) for k, s in shapes.items()}),
             "hubmerge.packing": PACKING,
         }
         self._vector = (
-            ShardedStream(
+            ShardedFiles(
                 directory,
                 [Slot(k, torch.float32, s) for k, s in shapes.items()],
                 max_shard_size,
@@ -99,44 +102,69 @@ class ArtifactWriter:
             else None
         )
         self._masks = [
-            SafetensorsStream(
+            SafetensorsFile(
                 directory / MASK_DIR / f"{name}.safetensors",
                 [Slot(k, torch.uint8, (packed_size(math.prod(s)),)) for k, s in shapes.items()],
                 shape_meta,
             )
             for name in task_names
         ]
-        self._values = []
-        if own_values:
-            (directory / VALUE_DIR).mkdir()
-            self._values = [
-                SpooledSafetensors(directory / VALUE_DIR / f"{name}.safetensors", torch.float32)
-                for name in task_names
-            ]
+        self._value_paths = [directory / VALUE_DIR / f"{name}.safetensors" for name in task_names]
+        self._values: list[ValueSpool] = []
+        self._own_values = own_values
+        self._rank = rank
+
+    def _files(self) -> list[ShardedFiles | SafetensorsFile]:
+        return [*([self._vector] if self._vector is not None else []), *self._masks]
+
+    def create(self) -> None:
+        """Create the folders and the fixed-size files (one process, before any `write`)."""
+        (self.directory / MASK_DIR).mkdir()
+        if self._own_values:
+            (self.directory / VALUE_DIR).mkdir()
+        for file in self._files():
+            file.create()
 
     def write(
         self,
         key: str,
+        start: int,
         tau_mtl: torch.Tensor | None,
         masks: list[torch.Tensor],
         taus: list[torch.Tensor],
     ) -> None:
-        """One piece of one tensor; pieces other than a tensor's last must hold a multiple of 8 entries."""
+        """The piece of `key` whose first (row-major) entry is `start`, a multiple of 8 (bit packing)."""
+        if self._own_values and not self._values:
+            self._values = [ValueSpool(path, torch.float32, self._rank) for path in self._value_paths]
         if self._vector is not None:
-            self._vector.write(key, tau_mtl.to("cpu"))
-        for stream, mask in zip(self._masks, masks, strict=True):
-            stream.write(key, pack_bits(mask))
+            self._vector.write(key, tau_mtl.to("cpu"), start)
+        for file, mask in zip(self._masks, masks, strict=True):
+            file.write(key, pack_bits(mask), start // 8)
         for spool, mask, tau in zip(self._values, masks, taus, strict=False):
-            spool.write(key, tau.reshape(-1)[mask.reshape(-1)].to("cpu"))
+            spool.write(key, start, tau.reshape(-1)[mask.reshape(-1)].to("cpu"))
 
-    def close(self, manifest: dict[str, Any]) -> None:
-        if self._vector is not None:
-            self._vector.close()
-        for stream in self._masks:
-            stream.close()
-        for spool in self._values:
-            spool.close()
-        (self.directory / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
+    @property
+    def written(self) -> int:
+        return sum(file.written for file in self._files())
+
+    @property
+    def data_bytes(self) -> int:
+        return sum(file.data_bytes for file in self._files())
+
+    def close(self) -> None:
+        for file in self._files():
+            file.close()
+
+    def assemble_values(self, group: Group) -> None:
+        """Magnitude pruning: rank 0 writes each task's values file from every process's spooled pieces."""
+        if not self._own_values:
+            return
+        pieces = group.gather([spool.finish() for spool in self._values])
+        if group.is_main:
+            for i, path in enumerate(self._value_paths):
+                task_pieces = [piece for share in pieces if share for piece in share[i]]
+                assemble_spooled(path, torch.float32, self._keys, task_pieces)
+        group.barrier()
 
 
 def storage_summary(
@@ -373,10 +401,13 @@ class CompressedMerge(
                 Slot(k, output_dtype(dtype, i.dtype) if i.is_float else i.dtype, i.shape)
                 for k, i in sorted(infos.items())
             ]
-            stream = ShardedStream(staging, slots, max_shard_size)
-            for key, tensor in self.iter_materialized(task, dtype):
-                stream.write(key, tensor)
-            stream.close()
+            files = ShardedFiles(staging, slots, max_shard_size)
+            files.create()
+            try:
+                for key, tensor in self.iter_materialized(task, dtype):
+                    files.write(key, tensor)
+            finally:
+                files.close()
             copy_support_files(self.base.directory, staging)
         return target
 

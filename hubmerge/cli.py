@@ -202,13 +202,23 @@ def run(
     push: Annotated[
         bool, typer.Option("--push/--no-push", help="Publish to the recipe's `push:` repo when done.")
     ] = True,
+    num_processes: Annotated[
+        int,
+        typer.Option(
+            "--num-processes",
+            min=1,
+            help="Split the work over N processes on this machine (through torchrun; byte-identical "
+            "output). Runs started by torchrun or `accelerate launch` join their process group by themselves.",
+        ),
+    ] = 1,
 ) -> None:
     """Run a merge recipe: a merged model directory, or a compressed artifact (TALL / magnitude masks).
 
     The output appears only when complete (written to a hidden sibling directory, then renamed). Hub
     sources are pinned to the commit they resolve to; with a `push:` block the output is then uploaded.
     """
-    from hubmerge.engine import plan_summary, prepare
+    from hubmerge.distributed import join, launch, leave
+    from hubmerge.engine import plan_summary, prepare, resolve_device
     from hubmerge.lock import read_lock
     from hubmerge.recipe import load_recipe
     from hubmerge.run import publish_output, resolve_output, run_recipe
@@ -225,18 +235,39 @@ def run(
                 console.print(f"push to      {parsed.push.repo_id} (export: {parsed.push.export})")
             job.close()
             return
-        result = run_recipe(
-            parsed,
-            str(recipe),
-            output=output,
-            overwrite=overwrite,
-            device=device,
-            max_shard_size=max_shard_size,
-            show_progress=not quiet,
-            lock=lock,
-        )
+        if num_processes > 1:
+            relaunched = ["run", str(recipe), "--device", device, "--max-shard-size", max_shard_size]
+            relaunched += ["--output", str(output)] if output else []
+            relaunched += [
+                flag
+                for flag, on in (
+                    ("--overwrite", overwrite),
+                    ("-q", quiet),
+                    ("--locked", locked),
+                    ("--no-push", not push),
+                )
+                if on
+            ]
+            raise typer.Exit(launch(num_processes, relaunched))
+        group, torch_device = join(resolve_device(device))
+        try:
+            result = run_recipe(
+                parsed,
+                str(recipe),
+                output=output,
+                overwrite=overwrite,
+                device=torch_device,
+                max_shard_size=max_shard_size,
+                show_progress=not quiet,
+                lock=lock,
+                group=group,
+            )
+        finally:
+            leave()
     except HubmergeError as err:
         raise _fail(err) from None
+    if not group.is_main:
+        return
     if not quiet:
         _print_record(result.record, result.output)
     console.print(

@@ -5,6 +5,11 @@ radix histograms per task, a sign count, the agreement histogram), never a flatt
 cut into row blocks so the bound does not even depend on the largest tensor. Every entry of every floating-point
 tensor of the base counts in d (sorted key order, as the reference flattens); non-float tensors are copied.
 
+A reader thread fetches the next piece of all T+1 checkpoints while the current one is computed (into pinned
+memory when computing on a GPU), and a writer thread puts finished pieces in place behind the compute. With a
+process group (see `distributed.py`) each process takes a balanced share of the pieces of every pass and the
+global statistics are summed across processes.
+
 Passes per method: Task Arithmetic, weight averaging, TALL/Consensus with TA: one. Magnitude masking and
 pruning: two threshold histograms, then output. TIES and its TALL/Consensus variants: two threshold
 histograms, the majority sign, then output.
@@ -12,8 +17,11 @@ histograms, the majority sign, then output.
 
 from __future__ import annotations
 
+import contextlib
 import math
-from collections.abc import Iterator
+from collections import deque
+from collections.abc import Callable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
@@ -23,6 +31,7 @@ import torch
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from hubmerge.artifacts import ArtifactWriter, output_dtype, storage_summary
+from hubmerge.distributed import SINGLE, Group
 from hubmerge.errors import HubmergeError
 from hubmerge.hub import HubSource
 from hubmerge.lock import Lock
@@ -31,6 +40,8 @@ from hubmerge.methods.tall import agreement_histograms, consensus_mask, mask_cou
 from hubmerge.methods.task_arithmetic import apply_vector, sum_in_task_order, task_vectors
 from hubmerge.methods.ties import disjoint_merge, elect_sign, resolve_zero_signs, sign_count, trim
 from hubmerge.methods.topk import (
+    HIGH_BUCKETS,
+    LOW_BUCKETS,
     high_histogram,
     kth_rank,
     locate,
@@ -42,9 +53,11 @@ from hubmerge.methods.topk import (
 )
 from hubmerge.recipe import Recipe
 from hubmerge.sources import Checkpoint, TensorInfo, check_compatible, locate_source, open_source
-from hubmerge.writer import ShardedStream, Slot
+from hubmerge.writer import ShardedFiles, Slot
 
 DEFAULT_BLOCK_ENTRIES = 1 << 22
+# Pieces computed but not yet written: the writer thread may lag this far behind before compute waits.
+WRITES_IN_FLIGHT = 2
 Rows = tuple[int, int] | None
 
 
@@ -148,6 +161,17 @@ def row_blocks(info: TensorInfo, block_entries: int) -> list[Rows]:
     return [(start, min(start + rows, info.shape[0])) for start in range(0, info.shape[0], rows)]
 
 
+def piece_entries(info: TensorInfo, rows: Rows) -> int:
+    if rows is None:
+        return info.numel
+    return (rows[1] - rows[0]) * (info.numel // info.shape[0])
+
+
+def first_entry(info: TensorInfo, rows: Rows) -> int:
+    """Row-major index of the piece's first entry in its tensor."""
+    return 0 if rows is None else rows[0] * (info.numel // info.shape[0])
+
+
 def pass_names(spec: MergeSpec) -> list[str]:
     names = []
     if spec.global_topk_density is not None:
@@ -226,7 +250,7 @@ class RunStats:
 
 
 class Engine:
-    """Runs the passes of one job on one device."""
+    """Runs the passes of one job on one device, as one process of `group`."""
 
     def __init__(
         self,
@@ -234,21 +258,26 @@ class Engine:
         device: torch.device,
         block_entries: int = DEFAULT_BLOCK_ENTRIES,
         show_progress: bool = False,
+        group: Group = SINGLE,
+        prefetch: bool = True,
     ):
         self.job = job
         self.spec = job.spec
         self.device = device
         self.block_entries = block_entries
-        self.show_progress = show_progress
-        self.stats = RunStats(num_tasks=len(job.models))
+        self.show_progress = show_progress and group.is_main
+        self.group = group
+        self.prefetch = prefetch
+        t = len(job.models)
+        self.stats = RunStats(num_tasks=t)
+        if self.spec.masks is not None:
+            # Zeros, not None: a process may hold no piece at all, and the sums across processes need a value.
+            self.stats.histogram = torch.zeros(t + 1, dtype=torch.int64)
+            self.stats.histogram_active = torch.zeros(t + 1, dtype=torch.int64)
+            self.stats.kept = [0] * t
         self._tensor_thresholds: dict[str, list[float | None]] = {}
         self._majority = 0
         self.bytes_read = 0
-
-    def _load(self, ckpt: Checkpoint, key: str, rows: Rows) -> torch.Tensor:
-        piece = ckpt.read(key, rows)
-        self.bytes_read += piece.numel() * piece.element_size()
-        return piece.to(self.device).float()
 
     def _progress(self) -> Progress:
         return Progress(
@@ -260,50 +289,138 @@ class Engine:
             transient=False,
         )
 
-    def _pieces(self, description: str, keys: list[str], whole: bool = False) -> Iterator[tuple[str, Rows]]:
+    def _blocks(self, keys: list[str], whole: bool = False) -> list[tuple[str, Rows]]:
+        """This process's share of the pieces of `keys` (all of them when it runs alone), in key order."""
+        infos = self.job.base.infos
         blocks = [
             (k, rows)
             for k in keys
-            for rows in ([None] if whole else row_blocks(self.job.base.infos[k], self.block_entries))
+            for rows in ([None] if whole else row_blocks(infos[k], self.block_entries))
         ]
+        sizes = [piece_entries(infos[k], rows) for k, rows in blocks]
+        return [blocks[i] for i in self.group.shard(sizes)]
+
+    def _pieces(self, description: str, keys: list[str], whole: bool = False) -> Iterator[tuple[str, Rows]]:
+        blocks = self._blocks(keys, whole)
         with self._progress() as progress:
             task = progress.add_task(description, total=len(blocks))
             for item in blocks:
                 yield item
                 progress.advance(task)
 
-    def _inputs(self, description: str) -> Iterator[tuple[str, Rows, torch.Tensor, list[torch.Tensor]]]:
-        for key, rows in self._pieces(description, self.job.merge_keys):
-            base = self._load(self.job.base, key, rows)
-            yield key, rows, base, [self._load(m, key, rows) for m in self.job.models]
+    def _read(self, key: str, rows: Rows) -> list[torch.Tensor]:
+        """The piece of θ0 and of every θ_t, as stored; pinned for a fast copy when the device is a GPU."""
+        pin = self.device.type == "cuda"
+        return [ckpt.read(key, rows, pin_memory=pin) for ckpt in (self.job.base, *self.job.models)]
+
+    def _on_device(self, pieces: list[torch.Tensor]) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        self.bytes_read += sum(p.numel() * p.element_size() for p in pieces)
+        base, *thetas = (p.to(self.device, non_blocking=True).float() for p in pieces)
+        return base, thetas
+
+    def _inputs(
+        self, description: str, whole: bool = False
+    ) -> Iterator[tuple[str, Rows, torch.Tensor, list[torch.Tensor]]]:
+        """(key, rows, θ0 piece, θ_t pieces) in float32 on the device, the next piece read in the background."""
+        pieces = self._pieces(description, self.job.merge_keys, whole)
+        if not self.prefetch:
+            for key, rows in pieces:
+                yield key, rows, *self._on_device(self._read(key, rows))
+            return
+        with ThreadPoolExecutor(1, thread_name_prefix="hubmerge-read") as reader:
+            ahead: tuple[str, Rows, Future[list[torch.Tensor]]] | None = None
+            for key, rows in pieces:
+                fetched = (key, rows, reader.submit(self._read, key, rows))
+                if ahead is not None:
+                    yield ahead[0], ahead[1], *self._on_device(ahead[2].result())
+                ahead = fetched
+            if ahead is not None:
+                yield ahead[0], ahead[1], *self._on_device(ahead[2].result())
+
+    @contextlib.contextmanager
+    def _writer(self) -> Iterator[Callable[..., None]]:
+        """A `submit(fn, *args)` that runs writes on a background thread, at most WRITES_IN_FLIGHT behind."""
+        pending: deque[Future[None]] = deque()
+        with ThreadPoolExecutor(1, thread_name_prefix="hubmerge-write") as writer:
+
+            def submit(fn: Callable[..., None], *args: Any) -> None:
+                pending.append(writer.submit(fn, *args))
+                while len(pending) > WRITES_IN_FLIGHT:
+                    pending.popleft().result()
+
+            try:
+                yield submit
+            finally:
+                while pending:  # raises the first failed write, after the others ended
+                    pending.popleft().result()
+
+    def _check_complete(self, written: int, expected: int, what: str) -> None:
+        total = int(self.group.all_sum(torch.tensor([written], dtype=torch.int64)))
+        if total != expected:
+            raise RuntimeError(f"{what}: {total} of {expected} bytes written")
 
     # -- global statistics ------------------------------------------------------------------------------
 
-    def _global_thresholds(self, density: float) -> list[float | None]:
+    def _radix_thresholds(
+        self, rank: int, task_vector_pieces: Callable[[str], Iterator[list[torch.Tensor]]], shared: bool
+    ) -> list[float | None]:
+        """Each task's `rank`-th smallest |τ| over the pieces that `task_vector_pieces(description)` yields
+        (called twice: high bits, then low bits); `shared`: over the pieces of every process."""
         t = len(self.job.models)
-        rank = kth_rank(self.job.d, density)
-        if rank == 0:
-            return [None] * t
-        high = [torch.zeros(1 << 15, dtype=torch.int64, device=self.device) for _ in range(t)]
-        for _, _, base, thetas in self._inputs("top-k thresholds (high bits)"):
-            for i, tau in enumerate(task_vectors(base, thetas)):
+        high = torch.zeros(t, HIGH_BUCKETS, dtype=torch.int64, device=self.device)
+        for taus in task_vector_pieces("top-k thresholds (high bits)"):
+            for i, tau in enumerate(taus):
                 high[i] += high_histogram(magnitude_bits(tau))
+        if shared:
+            high = self.group.all_sum(high)
         buckets = [locate(h, rank) for h in high]
-        low = [torch.zeros(1 << 16, dtype=torch.int64, device=self.device) for _ in range(t)]
-        for _, _, base, thetas in self._inputs("top-k thresholds (low bits)"):
-            for i, tau in enumerate(task_vectors(base, thetas)):
+        low = torch.zeros(t, LOW_BUCKETS, dtype=torch.int64, device=self.device)
+        for taus in task_vector_pieces("top-k thresholds (low bits)"):
+            for i, tau in enumerate(taus):
                 low[i] += low_histogram(magnitude_bits(tau), buckets[i][0])
+        if shared:
+            low = self.group.all_sum(low)
         return [
             threshold_value(bucket, locate(lo, rank_in_bucket)[0])
             for (bucket, rank_in_bucket), lo in zip(buckets, low, strict=True)
         ]
 
+    def _global_thresholds(self, density: float) -> list[float | None]:
+        rank = kth_rank(self.job.d, density)
+        if rank == 0:
+            return [None] * len(self.job.models)
+
+        def pieces(description: str) -> Iterator[list[torch.Tensor]]:
+            for _, _, base, thetas in self._inputs(description):
+                yield task_vectors(base, thetas)
+
+        return self._radix_thresholds(rank, pieces, shared=True)
+
     def _per_tensor_thresholds(self, density: float) -> None:
+        """`trim: tensor`: each tensor's own k-th |τ|; a tensor of several row blocks by radix selection over
+        its blocks, so not even the largest tensor is held whole. Each process takes whole tensors."""
+        infos = self.job.base.infos
+        mine: dict[str, list[float | None]] = {}
         for key, _ in self._pieces("per-tensor thresholds", self.job.merge_keys, whole=True):
-            base = self._load(self.job.base, key, None)
-            self._tensor_thresholds[key] = [
-                tensor_threshold(self._load(m, key, None) - base, density) for m in self.job.models
-            ]
+            blocks, rank = row_blocks(infos[key], self.block_entries), kth_rank(infos[key].numel, density)
+            if rank == 0:
+                mine[key] = [None] * len(self.job.models)
+            elif len(blocks) == 1:
+                mine[key] = [
+                    tensor_threshold(tau, density)
+                    for tau in task_vectors(*self._on_device(self._read(key, None)))
+                ]
+            else:
+
+                def pieces(
+                    _: str, key: str = key, blocks: list[Rows] = blocks
+                ) -> Iterator[list[torch.Tensor]]:
+                    for rows in blocks:
+                        yield task_vectors(*self._on_device(self._read(key, rows)))
+
+                mine[key] = self._radix_thresholds(rank, pieces, shared=False)
+        for share in self.group.gather(mine):
+            self._tensor_thresholds.update(share)
 
     def _thresholds_for(self, key: str) -> list[float | None]:
         if key in self._tensor_thresholds:
@@ -316,6 +433,7 @@ class Engine:
         total = 0
         for key, _, base, thetas in self._inputs("TIES majority sign"):
             total += sign_count(elect_sign(trim(task_vectors(base, thetas), self._thresholds_for(key))))
+        total = int(self.group.all_sum(torch.tensor([total], dtype=torch.int64)))
         self.stats.sign_total = total
         self._majority = (total > 0) - (total < 0)
 
@@ -362,30 +480,40 @@ class Engine:
         for tau in taus[1:]:
             active |= tau != 0
         hist, hist_active = (h.cpu() for h in agreement_histograms(count, active, len(masks)))
-        kept = [int(m.sum()) for m in masks]
-        if self.stats.histogram is None:
-            self.stats.histogram, self.stats.histogram_active, self.stats.kept = hist, hist_active, kept
-        else:
-            self.stats.histogram += hist
-            self.stats.histogram_active += hist_active
-            self.stats.kept = [a + b for a, b in zip(self.stats.kept, kept, strict=True)]
+        self.stats.histogram += hist
+        self.stats.histogram_active += hist_active
+        self.stats.kept = [total + int(m.sum()) for total, m in zip(self.stats.kept, masks, strict=True)]
+
+    def _sum_statistics(self) -> None:
+        """Add up what every process counted in the output pass (a no-op for a single process)."""
+        stats = self.stats
+        counts = torch.tensor([self.bytes_read, stats.consensus_kept, *stats.kept], dtype=torch.int64)
+        self.bytes_read, stats.consensus_kept, *kept = (int(x) for x in self.group.all_sum(counts))
+        stats.kept = kept
+        if stats.histogram is not None:
+            both = self.group.all_sum(torch.stack([stats.histogram, stats.histogram_active]))
+            stats.histogram, stats.histogram_active = both[0], both[1]
 
     def write_merged(self, directory: Path, max_shard_size: int | str) -> list[str]:
         job = self.job
-        keys = sorted(job.base.infos)
-        slots = [Slot(k, job.out_dtype(k), job.base.infos[k].shape) for k in keys]
-        stream = ShardedStream(directory, slots, max_shard_size)
-        merge_keys = set(job.merge_keys)
-        for key, rows in self._pieces("merge and write", keys):
-            if key not in merge_keys:
-                stream.write(key, job.base.read(key))
-                continue
-            base = self._load(job.base, key, rows)
-            tau_mtl, _, _ = self.compute(key, base, [self._load(m, key, rows) for m in job.models])
-            merged = apply_vector(base, tau_mtl, self.spec.scaling)
-            stream.write(key, merged.to(job.out_dtype(key)).cpu())
-        stream.close()
-        return stream.files
+        slots = [Slot(k, job.out_dtype(k), job.base.infos[k].shape) for k in sorted(job.base.infos)]
+        files = ShardedFiles(directory, slots, max_shard_size)
+        if self.group.is_main:
+            files.create()
+        self.group.barrier()
+        try:
+            for key, _ in self._blocks(job.copy_keys, whole=True):
+                files.write(key, job.base.read(key))
+            with self._writer() as submit:
+                for key, rows, base, thetas in self._inputs("merge and write"):
+                    tau_mtl, _, _ = self.compute(key, base, thetas)
+                    merged = apply_vector(base, tau_mtl, self.spec.scaling).to(job.out_dtype(key))
+                    submit(files.write, key, merged, first_entry(job.base.infos[key], rows))
+        finally:
+            files.close()
+        self._check_complete(files.written, files.data_bytes, "merged weights")
+        self._sum_statistics()
+        return files.files
 
     def write_artifact(self, directory: Path, max_shard_size: int | str) -> ArtifactWriter:
         job = self.job
@@ -396,10 +524,21 @@ class Engine:
             shared_vector=not self.spec.own_values,
             own_values=self.spec.own_values,
             max_shard_size=max_shard_size,
+            rank=self.group.rank,
         )
-        for key, _, base, thetas in self._inputs("compress and write"):
-            tau_mtl, masks, taus = self.compute(key, base, thetas)
-            writer.write(key, tau_mtl, masks, taus)
+        if self.group.is_main:
+            writer.create()
+        self.group.barrier()
+        try:
+            with self._writer() as submit:
+                for key, rows, base, thetas in self._inputs("compress and write"):
+                    tau_mtl, masks, taus = self.compute(key, base, thetas)
+                    submit(writer.write, key, first_entry(job.base.infos[key], rows), tau_mtl, masks, taus)
+        finally:
+            writer.close()
+        self._check_complete(writer.written, writer.data_bytes, "compressed artifact")
+        writer.assemble_values(self.group)
+        self._sum_statistics()
         return writer
 
     def storage(self) -> dict[str, Any]:

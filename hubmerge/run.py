@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import datetime as dt
 import json
 import tempfile
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -28,6 +30,7 @@ from hubmerge.artifacts import (
     CompressedMerge,
 )
 from hubmerge.card import write_card
+from hubmerge.distributed import SINGLE, Group
 from hubmerge.engine import DEFAULT_BLOCK_ENTRIES, Engine, MergeJob, prepare, resolve_device
 from hubmerge.errors import HubmergeError
 from hubmerge.evaluation import Evaluator, Overlay, mean, normalized
@@ -121,6 +124,7 @@ def run_record(job: MergeJob, engine: Engine, seconds: float) -> dict[str, Any]:
         "has_config": job.base.directory is not None and (job.base.directory / "config.json").is_file(),
         "stats": engine.stats.as_dict(),
         "device": str(engine.device),
+        "processes": engine.group.world_size,
         "seconds": round(seconds, 3),
         "bytes_read": engine.bytes_read,
     }
@@ -146,7 +150,7 @@ def run_recipe(
     *,
     output: str | Path | None = None,
     overwrite: bool = False,
-    device: str = "auto",
+    device: str | torch.device = "auto",
     max_shard_size: int | str = "5GB",
     block_entries: int = DEFAULT_BLOCK_ENTRIES,
     show_progress: bool = False,
@@ -154,52 +158,96 @@ def run_recipe(
     endpoint: str | None = None,
     lock: Lock | None = None,
     model_card: bool = True,
+    group: Group = SINGLE,
 ) -> RunResult:
     """Run a validated recipe end to end; the output directory appears only when everything is written.
 
     With `search:`, the searched parameters are chosen on validation data first; with `evaluation:`, the
     output is scored (zero-shot, fine-tuned and merged rows) before it appears. With `push.export:
-    subfolders`, every task's materialized model is part of that output.
+    subfolders`, every task's materialized model is part of that output. As one process of `group`, this
+    process streams its share of the pieces; rank 0 alone searches, scores and finishes the directory, and
+    only its result holds the record.
     """
     target = resolve_output(recipe, Path(output) if output else None)
     check_output_path(target, overwrite)
     if recipe.push and recipe.push.export == "subfolders":
         check_subfolder_names(recipe.task_names)
-    torch_device = resolve_device(device)
+    torch_device = device if isinstance(device, torch.device) else resolve_device(device)
     job = prepare(recipe, origin, token=token, endpoint=endpoint, lock=lock)
+    record: dict[str, Any] = {}
     try:
-        scoring = Scoring.start(job, torch_device, show_progress) if recipe.evaluation else None
+        scoring = (
+            Scoring.start(job, torch_device, show_progress) if recipe.evaluation and group.is_main else None
+        )
         search = None
-        if scoring is not None and recipe.search is not None:
-            search = scoring.search(
-                job, target.resolve().parent, torch_device, token=token, endpoint=endpoint
-            )
-            job = with_parameters(job, search.parameters)
-        engine = Engine(job, torch_device, block_entries=block_entries, show_progress=show_progress)
+        if recipe.evaluation and recipe.search is not None:
+            if scoring is not None:
+                search = scoring.search(
+                    job, target.resolve().parent, torch_device, token=token, endpoint=endpoint
+                )
+            job = with_parameters(job, group.broadcast(search.parameters if search else None))
+        engine = Engine(
+            job, torch_device, block_entries=block_entries, show_progress=show_progress, group=group
+        )
         started = time.perf_counter()
-        with atomic_directory(target, overwrite) as staging:
+        with shared_staging(target, overwrite, group) as staging:
             engine.collect_statistics()
             if job.spec.result == "merged":
                 engine.write_merged(staging, max_shard_size)
-                copy_support_files(job.base.directory, staging)
             else:
-                writer = engine.write_artifact(staging, max_shard_size)
-            record = run_record(job, engine, time.perf_counter() - started)
-            if job.spec.result == "compressed":
-                writer.close(record)
-            if search is not None:
-                record["search"] = search_record(search, recipe)
-            if scoring is not None:
-                record["evaluation"] = scoring.report(job, staging)
-            (staging / MANIFEST).write_text(json.dumps(record, indent=2) + "\n")
-            (staging / RECIPE_FILE).write_text(pinned_recipe(job))
-            if recipe.push and recipe.push.export == "subfolders":
-                export_subfolders(staging, max_shard_size=max_shard_size, token=token, endpoint=endpoint)
-            if model_card:
-                write_card(staging, repo_id=recipe.push.repo_id if recipe.push else None)
+                engine.write_artifact(staging, max_shard_size)
+            if group.is_main:
+                record = run_record(job, engine, time.perf_counter() - started)
+                finish_output(
+                    job, record, staging, search, scoring, max_shard_size, token, endpoint, model_card
+                )
     finally:
         job.close()
     return RunResult(output=target, record=record)
+
+
+@contextlib.contextmanager
+def shared_staging(target: Path, overwrite: bool, group: Group) -> Iterator[Path]:
+    """`atomic_directory` for a process group: rank 0 stages, every rank writes there, rank 0 renames last."""
+    if not group.is_distributed:
+        with atomic_directory(target, overwrite) as staging:
+            yield staging
+        return
+    if not group.is_main:
+        yield Path(group.broadcast(None))
+        group.barrier()
+        return
+    with atomic_directory(target, overwrite) as staging:
+        group.broadcast(str(staging))
+        yield staging
+        group.barrier()  # every process has written its pieces
+
+
+def finish_output(
+    job: MergeJob,
+    record: dict[str, Any],
+    staging: Path,
+    search: SearchResult | None,
+    scoring: Scoring | None,
+    max_shard_size: int | str,
+    token: str | None,
+    endpoint: str | None,
+    model_card: bool,
+) -> None:
+    """Everything of an output besides the weights: support files, scores, record, recipe, exports, card."""
+    recipe = job.recipe
+    if job.spec.result == "merged":
+        copy_support_files(job.base.directory, staging)
+    if search is not None:
+        record["search"] = search_record(search, recipe)
+    if scoring is not None:
+        record["evaluation"] = scoring.report(job, staging)
+    (staging / MANIFEST).write_text(json.dumps(record, indent=2) + "\n")
+    (staging / RECIPE_FILE).write_text(pinned_recipe(job))
+    if recipe.push and recipe.push.export == "subfolders":
+        export_subfolders(staging, max_shard_size=max_shard_size, token=token, endpoint=endpoint)
+    if model_card:
+        write_card(staging, repo_id=recipe.push.repo_id if recipe.push else None)
 
 
 def with_parameters(job: MergeJob, parameters: dict[str, Any]) -> MergeJob:

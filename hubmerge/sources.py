@@ -100,9 +100,12 @@ class Checkpoint:
     def weight_bytes(self) -> int:
         return sum(f.stat().st_size for f in self.weight_files)
 
-    def read(self, key: str, rows: tuple[int, int] | None = None) -> torch.Tensor:
-        """One tensor, or the row range [start, stop) of its first dimension, as stored (no upcast)."""
-        return self._reader(self._key_file[key]).read(key, rows)
+    def read(self, key: str, rows: tuple[int, int] | None = None, pin_memory: bool = False) -> torch.Tensor:
+        """One tensor, or the row range [start, stop) of its first dimension, as stored (no upcast).
+
+        `pin_memory` reads safetensors data straight into page-locked memory, for a fast copy to a GPU.
+        """
+        return self._reader(self._key_file[key]).read(key, rows, pin_memory)
 
     def _reader(self, path: Path) -> SafetensorsReader | PickledReader:
         if path not in self._readers:
@@ -158,7 +161,7 @@ class SafetensorsReader:
         self._fd = os.open(path, os.O_RDONLY)
         self._finalizer = weakref.finalize(self, os.close, self._fd)
 
-    def read(self, key: str, rows: tuple[int, int] | None = None) -> torch.Tensor:
+    def read(self, key: str, rows: tuple[int, int] | None = None, pin_memory: bool = False) -> torch.Tensor:
         info = self.infos[key]
         offset, shape = self._data_start + self._offsets[key], info.shape
         if rows is not None and shape:
@@ -166,7 +169,7 @@ class SafetensorsReader:
             offset += rows[0] * row_bytes
             shape = (rows[1] - rows[0], *shape[1:])
         piece = TensorInfo(shape, info.dtype)
-        buffer = torch.empty(piece.nbytes, dtype=torch.uint8)
+        buffer = torch.empty(piece.nbytes, dtype=torch.uint8, pin_memory=pin_memory)
         view, done = memoryview(buffer.numpy()), 0
         while done < piece.nbytes:
             got = os.preadv(self._fd, [view[done:]], offset + done)
@@ -186,8 +189,8 @@ class PickledReader:
         self._tensors = _load_pickled_weights(path)
         self.infos = {k: TensorInfo(tuple(v.shape), v.dtype) for k, v in self._tensors.items()}
 
-    def read(self, key: str, rows: tuple[int, int] | None = None) -> torch.Tensor:
-        tensor = self._tensors[key]
+    def read(self, key: str, rows: tuple[int, int] | None = None, pin_memory: bool = False) -> torch.Tensor:
+        tensor = self._tensors[key]  # already in memory: pinning a copy would gain nothing
         return tensor if rows is None or tensor.dim() == 0 else tensor[rows[0] : rows[1]]
 
     def close(self) -> None:

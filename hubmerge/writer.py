@@ -2,7 +2,8 @@
 
 The safetensors library writes a file from a complete state dict. A merge produces one piece of one tensor at a
 time, and every shape and dtype is known before the first tensor is read, so the header is written up front and
-tensor bytes are appended as they are computed: memory stays bounded by one piece.
+each piece is written at its final position as soon as it is computed: memory stays bounded by a few pieces, and
+pieces may come in any order, from a writer thread or from several processes.
 """
 
 from __future__ import annotations
@@ -65,56 +66,66 @@ def safetensors_header(slots: list[Slot], metadata: dict[str, str] | None) -> by
     return struct.pack("<Q", len(blob)) + blob
 
 
-class SafetensorsStream:
-    """A safetensors file written in declared order; each tensor may arrive in several consecutive pieces."""
+class SafetensorsFile:
+    """A safetensors file whose header is written first and whose tensor bytes go to fixed offsets.
+
+    Every offset follows from the declared slots, so pieces can be written in any order, by any thread or
+    process: the file is created (header + full size) once, then each writer opens it and puts its pieces
+    in place. The bytes are the same whatever the order, which makes multi-process output byte-identical.
+    """
 
     def __init__(self, path: Path, slots: list[Slot], metadata: dict[str, str] | None = None):
         self.path = path
-        self._slots = slots
-        self._index = 0
-        self._written = 0
-        self._file = open(path, "wb")  # noqa: SIM115 - closed by close(), possibly much later
-        self._file.write(safetensors_header(slots, metadata))
-        self._skip_empty()
+        self.slots = {slot.key: slot for slot in slots}
+        self._header = safetensors_header(slots, metadata)
+        self._offsets: dict[str, int] = {}
+        offset = len(self._header)
+        for slot in slots:
+            self._offsets[slot.key] = offset
+            offset += slot.nbytes
+        self.size = offset
+        self.written = 0  # bytes this process put in the file
+        self._fd: int | None = None
 
-    def _skip_empty(self) -> None:
-        while self._index < len(self._slots) and self._slots[self._index].nbytes == 0:
-            self._index += 1
+    def create(self) -> None:
+        """Write the header and extend the file to its full size (one process, before any `write`)."""
+        with open(self.path, "wb") as handle:
+            handle.write(self._header)
+            handle.truncate(self.size)
 
-    @property
-    def done(self) -> bool:
-        return self._index == len(self._slots)
-
-    def write(self, key: str, piece: torch.Tensor) -> None:
-        if piece.numel() == 0:  # empty tensors hold no bytes: their slots are skipped as they come up
-            return
-        if self.done or self._slots[self._index].key != key:
-            expected = "nothing more" if self.done else repr(self._slots[self._index].key)
-            raise RuntimeError(f"{self.path.name}: got {key!r}, expected {expected}")
-        slot = self._slots[self._index]
+    def write(self, key: str, piece: torch.Tensor, start: int = 0) -> None:
+        """Put `piece` at entry `start` (row-major, counted in the tensor's dtype) of tensor `key`."""
+        slot = self.slots.get(key)
+        if slot is None:
+            raise RuntimeError(f"{self.path.name}: no tensor {key!r} in this file")
         if piece.dtype != slot.dtype:
             raise RuntimeError(f"{self.path.name}: {key} is {slot.dtype}, got {piece.dtype}")
         data = tensor_bytes(piece)
-        self._written += len(data)
-        if self._written > slot.nbytes:
+        position = start * slot.dtype.itemsize
+        if position + len(data) > slot.nbytes:
             raise RuntimeError(f"{self.path.name}: too many bytes for {key}")
-        self._file.write(data)
-        if self._written == slot.nbytes:
-            self._index += 1
-            self._written = 0
-            self._skip_empty()
+        if self._fd is None:
+            self._fd = os.open(self.path, os.O_WRONLY)
+        offset, done = self._offsets[key] + position, 0
+        while done < len(data):
+            done += os.pwrite(self._fd, data[done:], offset + done)
+        self.written += len(data)
+
+    @property
+    def data_bytes(self) -> int:
+        return self.size - len(self._header)
 
     def close(self) -> None:
-        self._file.close()
-        if not self.done:
-            raise RuntimeError(f"{self.path.name}: closed before {self._slots[self._index].key} was written")
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
 
 
-class ShardedStream:
-    """Tensors written in declared order into `<stem>.safetensors` or shards + index above `max_shard_size`.
+class ShardedFiles:
+    """Tensors in `<stem>.safetensors`, or in shards + index above `max_shard_size`, written by position.
 
     Shard assignment is huggingface_hub's (the same as `save_torch_state_dict`); a tensor larger than the limit
-    gets a shard of its own, so several shard files can be open at once.
+    gets a shard of its own.
     """
 
     def __init__(
@@ -132,64 +143,121 @@ class ShardedStream:
             max_shard_size=max_shard_size,
         )
         by_key = {slot.key: slot for slot in slots}
-        self._directory = directory
-        self._metadata = {"format": "pt", **(metadata or {})}
-        self._file_slots = {
-            name: [by_key[k] for k in keys] for name, keys in split.filename_to_tensors.items()
+        metadata = {"format": "pt", **(metadata or {})}
+        self._files = {
+            name: SafetensorsFile(directory / name, [by_key[k] for k in keys], metadata)
+            for name, keys in split.filename_to_tensors.items()
         }
         self._file_of = split.tensor_to_filename
-        self._open: dict[str, SafetensorsStream] = {}
-        self.files = list(self._file_slots)
+        self._index = None
         if split.is_sharded:
-            index = {"metadata": split.metadata, "weight_map": dict(sorted(split.tensor_to_filename.items()))}
-            (directory / f"{stem}.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
-
-    def write(self, key: str, piece: torch.Tensor) -> None:
-        name = self._file_of[key]
-        if name not in self._open:
-            self._open[name] = SafetensorsStream(
-                self._directory / name, self._file_slots[name], self._metadata
+            self._index = (
+                directory / f"{stem}.safetensors.index.json",
+                {"metadata": split.metadata, "weight_map": dict(sorted(split.tensor_to_filename.items()))},
             )
-        stream = self._open[name]
-        stream.write(key, piece)
-        if stream.done:
-            stream.close()
+        self.files = list(self._files)
+
+    def create(self) -> None:
+        for file in self._files.values():
+            file.create()
+        if self._index is not None:
+            path, index = self._index
+            path.write_text(json.dumps(index, indent=2) + "\n")
+
+    def write(self, key: str, piece: torch.Tensor, start: int = 0) -> None:
+        self._files[self._file_of[key]].write(key, piece, start)
+
+    @property
+    def written(self) -> int:
+        return sum(file.written for file in self._files.values())
+
+    @property
+    def data_bytes(self) -> int:
+        return sum(file.data_bytes for file in self._files.values())
 
     def close(self) -> None:
-        for name, slots in self._file_slots.items():
-            if name not in self._open:  # a file of empty tensors only
-                SafetensorsStream(self._directory / name, slots, self._metadata).close()
-            elif not self._open[name].done:
-                self._open[name].close()
+        for file in self._files.values():
+            file.close()
 
 
-class SpooledSafetensors:
-    """A safetensors file of 1-D tensors whose lengths are known only at the end (e.g. kept values).
+@dataclass(frozen=True)
+class SpooledPiece:
+    """Where one piece of a spooled tensor lies: its key, its position in the key's pieces, its length."""
 
-    Pieces go to a spool file beside the output; `close` writes the header and copies the spool behind it.
+    key: str
+    order: int
+    length: int
+    rank: int
+    spool_offset: int
+
+
+class ValueSpool:
+    """One process's share of a safetensors file of 1-D tensors whose lengths are known only at the end.
+
+    Each process spools its pieces (e.g. a task's kept values) to its own file; `assemble` then writes the
+    header from every process's piece list and copies the pieces behind it in key order, then piece order.
     """
 
-    def __init__(self, path: Path, dtype: torch.dtype, metadata: dict[str, str] | None = None):
+    def __init__(self, path: Path, dtype: torch.dtype, rank: int = 0):
         self.path = path
-        self._dtype = dtype
-        self._metadata = metadata
-        self._lengths: dict[str, int] = {}
-        self._spool_path = path.with_name(path.name + ".spool")
-        self._spool = open(self._spool_path, "wb")  # noqa: SIM115 - closed by close()
+        self.dtype = dtype
+        self.rank = rank
+        self.spool_path = spool_path(path, rank)
+        self.pieces: list[SpooledPiece] = []
+        self._offset = 0
+        self._spool = open(self.spool_path, "wb")  # noqa: SIM115 - closed by finish()
 
-    def write(self, key: str, piece: torch.Tensor) -> None:
-        if key in self._lengths and next(reversed(self._lengths)) != key:
-            raise RuntimeError(f"{self.path.name}: pieces of {key} must be written consecutively")
-        self._lengths[key] = self._lengths.get(key, 0) + piece.numel()
-        self._spool.write(tensor_bytes(piece.to(self._dtype)))
+    def write(self, key: str, order: int, piece: torch.Tensor) -> None:
+        data = tensor_bytes(piece.to(self.dtype))
+        self.pieces.append(SpooledPiece(key, order, piece.numel(), self.rank, self._offset))
+        self._spool.write(data)
+        self._offset += len(data)
 
-    def close(self) -> None:
+    def finish(self) -> list[SpooledPiece]:
         self._spool.close()
-        slots = [Slot(key, self._dtype, (n,)) for key, n in self._lengths.items()]
-        with open(self.path, "wb") as out, open(self._spool_path, "rb") as spool:
-            out.write(safetensors_header(slots, self._metadata))
-            shutil.copyfileobj(spool, out, 1 << 24)
-        self._spool_path.unlink()
+        if not self.pieces:
+            self.spool_path.unlink()
+        return self.pieces
+
+
+def spool_path(path: Path, rank: int) -> Path:
+    return path.with_name(f"{path.name}.{rank}.spool")
+
+
+def assemble_spooled(
+    path: Path,
+    dtype: torch.dtype,
+    keys: list[str],
+    pieces: list[SpooledPiece],
+    metadata: dict[str, str] | None = None,
+) -> None:
+    """Write the file of `ValueSpool`s: tensors in `keys` order, each the concatenation of its pieces."""
+    by_key: dict[str, list[SpooledPiece]] = {key: [] for key in keys}
+    for piece in pieces:
+        by_key[piece.key].append(piece)
+    slots = []
+    for key, parts in by_key.items():
+        parts.sort(key=lambda p: p.order)
+        slots.append(Slot(key, dtype, (sum(p.length for p in parts),)))
+    spools: dict[int, Path] = {p.rank: spool_path(path, p.rank) for p in pieces}
+    with open(path, "wb") as out:
+        out.write(safetensors_header(slots, metadata))
+        handles = {rank: open(spool, "rb") for rank, spool in spools.items()}  # noqa: SIM115
+        try:
+            for parts in by_key.values():
+                for part in parts:
+                    handle = handles[part.rank]
+                    handle.seek(part.spool_offset)
+                    remaining = part.length * dtype.itemsize
+                    while remaining:
+                        chunk = handle.read(min(remaining, 1 << 24))
+                        out.write(chunk)
+                        remaining -= len(chunk)
+        finally:
+            for handle in handles.values():
+                handle.close()
+    for spool in spools.values():
+        spool.unlink()
 
 
 def check_output_path(target: Path, overwrite: bool) -> None:

@@ -11,49 +11,59 @@ from safetensors.torch import load_file
 from hubmerge import parse_recipe, run_recipe
 from hubmerge.engine import Engine
 from hubmerge.errors import HubmergeError
-from hubmerge.writer import SafetensorsStream, ShardedStream, Slot, SpooledSafetensors, atomic_directory
+from hubmerge.writer import (
+    SafetensorsFile,
+    ShardedFiles,
+    Slot,
+    ValueSpool,
+    assemble_spooled,
+    atomic_directory,
+)
 from tests.golden import recipe
 
 
-def test_stream_written_in_pieces_loads_with_safetensors(tmp_path):
+def test_file_written_in_pieces_in_any_order_loads_with_safetensors(tmp_path):
     tensors = {
         "b": torch.arange(12, dtype=torch.float32).reshape(4, 3),
         "a": torch.tensor(2.5, dtype=torch.bfloat16),
         "empty": torch.zeros(0, 3),
         "c": torch.arange(5, dtype=torch.int64),
     }
-    stream = SafetensorsStream(
+    file = SafetensorsFile(
         tmp_path / "x.safetensors", [Slot(k, v.dtype, tuple(v.shape)) for k, v in tensors.items()]
     )
-    stream.write("b", tensors["b"][:1])
-    stream.write("b", tensors["b"][1:])
-    stream.write("a", tensors["a"])
-    stream.write("c", tensors["c"])
-    stream.close()
+    file.create()
+    file.write("c", tensors["c"])
+    file.write("b", tensors["b"][1:], start=3)
+    file.write("a", tensors["a"])
+    file.write("b", tensors["b"][:1])
+    file.close()
     loaded = load_file(tmp_path / "x.safetensors")
     assert loaded.keys() == tensors.keys()
     for k, v in tensors.items():
         assert loaded[k].dtype == v.dtype and torch.equal(loaded[k], v), k
+    assert file.written == file.data_bytes == 4 * 12 + 2 + 8 * 5
 
 
-def test_stream_refuses_out_of_order_and_incomplete_files(tmp_path):
-    slots = [Slot("a", torch.float32, (2,)), Slot("b", torch.float32, (2,))]
-    stream = SafetensorsStream(tmp_path / "x.safetensors", slots)
-    with pytest.raises(RuntimeError, match="expected 'a'"):
-        stream.write("b", torch.zeros(2))
+def test_file_refuses_wrong_dtype_unknown_keys_and_overflow(tmp_path):
+    file = SafetensorsFile(tmp_path / "x.safetensors", [Slot("a", torch.float32, (2,))])
+    file.create()
     with pytest.raises(RuntimeError, match="float32"):
-        stream.write("a", torch.zeros(2, dtype=torch.float16))
-    stream.write("a", torch.zeros(2))
-    with pytest.raises(RuntimeError, match="closed before b"):
-        stream.close()
+        file.write("a", torch.zeros(2, dtype=torch.float16))
+    with pytest.raises(RuntimeError, match="no tensor 'b'"):
+        file.write("b", torch.zeros(2))
+    with pytest.raises(RuntimeError, match="too many bytes"):
+        file.write("a", torch.zeros(2), start=1)
+    file.close()
 
 
-def test_sharded_stream_gives_oversized_tensors_their_own_shard(tmp_path):
+def test_sharded_files_give_oversized_tensors_their_own_shard(tmp_path):
     tensors = {"a": torch.ones(4), "big": torch.arange(64, dtype=torch.float32), "c": torch.full((4,), 3.0)}
-    stream = ShardedStream(tmp_path, [Slot(k, v.dtype, tuple(v.shape)) for k, v in tensors.items()], 40)
-    for k, v in tensors.items():
-        stream.write(k, v)
-    stream.close()
+    files = ShardedFiles(tmp_path, [Slot(k, v.dtype, tuple(v.shape)) for k, v in tensors.items()], 40)
+    files.create()
+    for k, v in reversed(tensors.items()):
+        files.write(k, v)
+    files.close()
     index = json.loads((tmp_path / "model.safetensors.index.json").read_text())
     assert index["metadata"]["total_size"] == 4 * 72
     assert len(set(index["weight_map"].values())) == 2
@@ -63,16 +73,20 @@ def test_sharded_stream_gives_oversized_tensors_their_own_shard(tmp_path):
     assert all(torch.equal(loaded[k], v) for k, v in tensors.items())
 
 
-def test_spooled_file_of_unknown_lengths(tmp_path):
-    spool = SpooledSafetensors(tmp_path / "v.safetensors", torch.float32)
-    spool.write("k1", torch.tensor([1.0, 2.0]))
-    spool.write("k1", torch.tensor([3.0]))
-    spool.write("k2", torch.tensor([]))
-    with pytest.raises(RuntimeError, match="consecutively"):
-        spool.write("k1", torch.tensor([4.0]))
-    spool.close()
-    loaded = load_file(tmp_path / "v.safetensors")
-    assert loaded["k1"].tolist() == [1.0, 2.0, 3.0] and loaded["k2"].numel() == 0
+def test_spooled_values_of_several_processes_assemble_in_key_then_piece_order(tmp_path):
+    path = tmp_path / "v.safetensors"
+    first, second = ValueSpool(path, torch.float32, rank=0), ValueSpool(path, torch.float32, rank=1)
+    second.write("k1", 8, torch.tensor([3.0]))
+    first.write("k2", 0, torch.tensor([]))
+    first.write("k1", 0, torch.tensor([1.0, 2.0]))
+    idle = ValueSpool(path, torch.float32, rank=2)
+    pieces = first.finish() + second.finish() + idle.finish()
+
+    assemble_spooled(path, torch.float32, ["k1", "k2", "k3"], pieces)
+
+    loaded = load_file(path)
+    assert loaded["k1"].tolist() == [1.0, 2.0, 3.0]
+    assert loaded["k2"].numel() == 0 and loaded["k3"].numel() == 0
     assert [p.name for p in tmp_path.iterdir()] == ["v.safetensors"]
 
 
