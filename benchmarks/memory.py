@@ -18,26 +18,35 @@ import json
 import os
 import platform
 import shutil
-import subprocess
 import sys
 import time
-import zlib
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
-from safetensors.torch import save_file
 
-REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from hubmerge.engine import DEFAULT_BLOCK_ENTRIES, plan_summary, prepare  # noqa: E402
-from hubmerge.recipe import load_recipe  # noqa: E402
+from benchmarks.synthetic import (
+    DOCS,
+    GENERATOR_VERSION,
+    HUBMERGE,
+    REPO,
+    ChildUsage,
+    LlamaConfig,
+    cpu_model,
+    page_cache_bound,
+    run_child,
+    shard_plan,
+    shell,
+    weight_files,
+    write_docs,
+    write_model,
+)
+from hubmerge.engine import DEFAULT_BLOCK_ENTRIES, plan_summary, prepare
+from hubmerge.recipe import load_recipe
 
-HUBMERGE = REPO / ".venv" / "bin" / "hubmerge"
-TIME = Path("/usr/bin/time")
-DOCS = REPO / "docs" / "benchmarks.md"
 BEGIN, END = "<!-- memory.py: begin -->", "<!-- memory.py: end -->"
 METHOD_PARAMETERS: dict[str, dict[str, object]] = {
     "task_arithmetic": {},
@@ -46,40 +55,13 @@ METHOD_PARAMETERS: dict[str, dict[str, object]] = {
     "consensus": {"k": 2},
 }
 MIB = 1 << 20
-GENERATOR_VERSION = 2  # bump when the generated weights change, to invalidate cached inputs
 
 
 @dataclass(frozen=True)
-class ModelConfig:
-    """A Llama-style decoder, float32."""
+class ModelConfig(LlamaConfig):
+    """A Llama-style decoder, float32, and the number of its fine-tunes."""
 
-    layers: int
-    tasks: int
-    vocab: int = 32000
-    hidden: int = 1024
-    intermediate: int = 2816
-    heads: int = 16
-    seed: int = 0
-    shard_bytes: int = 400_000_000
-
-    def tensors(self) -> list[tuple[str, tuple[int, ...]]]:
-        h, m = self.hidden, self.intermediate
-        specs: list[tuple[str, tuple[int, ...]]] = [("model.embed_tokens.weight", (self.vocab, h))]
-        for i in range(self.layers):
-            p = f"model.layers.{i}."
-            specs += [(f"{p}self_attn.{x}_proj.weight", (h, h)) for x in "qkvo"]
-            specs += [(f"{p}mlp.gate_proj.weight", (m, h)), (f"{p}mlp.up_proj.weight", (m, h))]
-            specs += [(f"{p}mlp.down_proj.weight", (h, m))]
-            specs += [(f"{p}input_layernorm.weight", (h,)), (f"{p}post_attention_layernorm.weight", (h,))]
-        return [*specs, ("model.norm.weight", (h,)), ("lm_head.weight", (self.vocab, h))]
-
-    @property
-    def params(self) -> int:
-        return sum(numel(shape) for _, shape in self.tensors())
-
-    @property
-    def nbytes(self) -> int:
-        return 4 * self.params
+    tasks: int = 4
 
     @property
     def root(self) -> Path:
@@ -87,87 +69,6 @@ class ModelConfig:
 
     def model_dirs(self) -> list[Path]:
         return [self.root / "base", *(self.root / f"task{t}" for t in range(self.tasks))]
-
-
-def numel(shape: tuple[int, ...]) -> int:
-    n = 1
-    for s in shape:
-        n *= s
-    return n
-
-
-def generator(seed: int, *parts: object) -> torch.Generator:
-    return torch.Generator().manual_seed(zlib.crc32(repr((seed, *parts)).encode()))
-
-
-def base_tensor(cfg: ModelConfig, name: str, shape: tuple[int, ...]) -> torch.Tensor:
-    if name.endswith("norm.weight"):
-        return 1 + 0.05 * torch.randn(shape, generator=generator(cfg.seed, name))
-    return 0.02 * torch.randn(shape, generator=generator(cfg.seed, name))
-
-
-def finetune_tensor(cfg: ModelConfig, task: int, name: str, shape: tuple[int, ...]) -> torch.Tensor:
-    """base + a structured, partly sparse delta: ~3/4 of the layers change; in them every entry moves a
-    little (~1e-5) and a quarter of the rows a lot (~1e-3, with a per-task bias); embedding and lm_head change
-    in 5 % of their rows only; norms change only for odd tasks. Untouched entries equal the base exactly."""
-    tensor = base_tensor(cfg, name, shape)
-    gen = generator(cfg.seed, "task", task, name)
-    layer = name.split(".")[2] if name.startswith("model.layers.") else name
-    if torch.rand((), generator=generator(cfg.seed, "layer", task, layer)) >= 0.75:
-        return tensor
-    if name.endswith("norm.weight"):
-        if task % 2:
-            tensor += 1e-3 * torch.randn(shape, generator=gen)
-        return tensor
-    if shape[0] != cfg.vocab:
-        tensor += 1e-5 * torch.randn(shape, generator=gen)
-    share = 0.05 if shape[0] == cfg.vocab else 0.25
-    rows = torch.randperm(shape[0], generator=gen)[: max(1, int(share * shape[0]))]
-    delta = 1e-3 * torch.randn((len(rows), *shape[1:]), generator=gen)
-    tensor[rows] += delta + 2e-4 * (1 if task % 2 else -1)
-    return tensor
-
-
-def shard_plan(cfg: ModelConfig) -> list[list[tuple[str, tuple[int, ...]]]]:
-    shards: list[list[tuple[str, tuple[int, ...]]]] = [[]]
-    size = 0
-    for name, shape in cfg.tensors():
-        if shards[-1] and size + 4 * numel(shape) > cfg.shard_bytes:
-            shards.append([])
-            size = 0
-        shards[-1].append((name, shape))
-        size += 4 * numel(shape)
-    return shards
-
-
-def write_model(cfg: ModelConfig, directory: Path, task: int | None) -> None:
-    """One checkpoint, shard by shard: memory holds one shard, never the model."""
-    directory.mkdir(parents=True, exist_ok=True)
-    plan = shard_plan(cfg)
-    weight_map = {}
-    for i, shard in enumerate(plan):
-        file = f"model-{i + 1:05d}-of-{len(plan):05d}.safetensors"
-        tensors = {
-            name: base_tensor(cfg, name, shape) if task is None else finetune_tensor(cfg, task, name, shape)
-            for name, shape in shard
-        }
-        save_file(tensors, str(directory / file), metadata={"format": "pt"})
-        weight_map.update(dict.fromkeys(tensors, file))
-    index = {"metadata": {"total_size": cfg.nbytes}, "weight_map": weight_map}
-    (directory / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
-    config = {
-        "architectures": ["LlamaForCausalLM"],
-        "model_type": "llama",
-        "vocab_size": cfg.vocab,
-        "hidden_size": cfg.hidden,
-        "intermediate_size": cfg.intermediate,
-        "num_hidden_layers": cfg.layers,
-        "num_attention_heads": cfg.heads,
-        "num_key_value_heads": cfg.heads,
-        "torch_dtype": "float32",
-        "tie_word_embeddings": False,
-    }
-    (directory / "config.json").write_text(json.dumps(config, indent=2) + "\n")
 
 
 def ensure_models(cfg: ModelConfig) -> list[Path]:
@@ -184,29 +85,6 @@ def ensure_models(cfg: ModelConfig) -> list[Path]:
     stamp.write_text(settings)
     print(f"generated {cfg.root} in {time.perf_counter() - started:.0f} s", file=sys.stderr)
     return dirs
-
-
-def weight_files(dirs: list[Path]) -> list[Path]:
-    return [f for d in dirs for f in sorted(d.glob("*.safetensors"))]
-
-
-def page_cache_bound(files: list[Path]) -> float:
-    """GB/s of `cat files > /dev/null`, the second (warm) of two runs."""
-    seconds = 0.0
-    for _ in range(2):
-        started = time.perf_counter()
-        subprocess.run(["cat", *map(str, files)], stdout=subprocess.DEVNULL, check=True)
-        seconds = time.perf_counter() - started
-    return sum(f.stat().st_size for f in files) / seconds / 1e9
-
-
-@dataclass
-class ChildUsage:
-    wall_s: float
-    cpu_s: float  # user + system
-    peak_rss_kib: int  # GNU time's %M (ru_maxrss of the exec'd process)
-    peak_anon_kib: int  # sampled
-    peak_file_kib: int  # sampled
 
 
 @dataclass
@@ -227,52 +105,6 @@ class Measurement:
     def throughput(self) -> float:
         """Bytes read per engine second, in GB/s."""
         return self.bytes_read / self.engine_s / 1e9
-
-
-def proc_status(pid: int) -> dict[str, int]:
-    """The kB fields of /proc/PID/status (empty once the process is gone)."""
-    try:
-        lines = Path(f"/proc/{pid}/status").read_text().splitlines()
-    except OSError:
-        return {}
-    fields = {}
-    for line in lines:
-        key, _, value = line.partition(":")
-        if value.strip().endswith("kB"):
-            fields[key] = int(value.split()[0])
-    return fields
-
-
-def child_pid(pid: int) -> int | None:
-    try:
-        children = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
-    except OSError:
-        return None
-    return int(children[0]) if children else None
-
-
-def run_child(command: list[str], stats: Path) -> ChildUsage:
-    """Run a command under GNU time, sampling the resident memory of the command itself.
-
-    Peak RSS comes from GNU time rather than from wait4 on our own child: a child's ru_maxrss also counts the
-    parent's resident memory at fork, and this process has just held model shards."""
-    if not TIME.is_file():
-        raise SystemExit(f"{TIME} not found: apt-get install -y time")
-    proc = subprocess.Popen(
-        [str(TIME), "-f", "%M %e %U %S", "-o", str(stats), *command], stdout=subprocess.DEVNULL
-    )
-    anon = file = 0
-    pid = None
-    while proc.poll() is None:
-        pid = pid or child_pid(proc.pid)
-        fields = proc_status(pid) if pid else {}
-        anon = max(anon, fields.get("RssAnon", 0))
-        file = max(file, fields.get("RssFile", 0))
-        time.sleep(0.05)
-    if proc.returncode:
-        raise SystemExit(f"{' '.join(command)} failed with exit code {proc.returncode}")
-    rss, wall, user, system = stats.read_text().split()[-4:]
-    return ChildUsage(float(wall), float(user) + float(system), int(rss), anon, file)
 
 
 def write_recipe(path: Path, method: str, dirs: list[Path]) -> None:
@@ -349,19 +181,8 @@ def table(rows: list[Measurement], first: str) -> str:
     return "\n".join(lines)
 
 
-def shell(command: str) -> str:
-    return subprocess.run(command, shell=True, capture_output=True, text=True, check=True).stdout.rstrip()
-
-
 def machine() -> str:
-    cpu = next(
-        (
-            line.split(":", 1)[1].strip()
-            for line in Path("/proc/cpuinfo").read_text().splitlines()
-            if "model name" in line
-        ),
-        platform.processor(),
-    )
+    cpu = cpu_model() or platform.processor()
     return (
         f"- date: {shell('date -u')}\n"
         f"- CPU: {cpu}, `nproc` = {shell('nproc')}, torch threads = {torch.get_num_threads()}, "
@@ -428,17 +249,6 @@ the machine slow wall times, not memory).
 """
 
 
-def write_docs(section: str) -> None:
-    text = DOCS.read_text() if DOCS.is_file() else "# Benchmarks\n"
-    block = f"{BEGIN}\n{section.rstrip()}\n{END}"
-    if BEGIN in text and END in text:
-        head, _, rest = text.partition(BEGIN)
-        text = head + block + rest.partition(END)[2]
-    else:
-        text = text.rstrip() + "\n\n" + block + "\n"
-    DOCS.write_text(text)
-
-
 def scaling_runs(
     args: argparse.Namespace, cfg: ModelConfig, rows: list[Measurement], dirs: list[Path]
 ) -> Iterator[Measurement]:
@@ -484,7 +294,7 @@ def main() -> None:
     section = report(cfg, results, command)
     print(section)
     if args.write_docs:
-        write_docs(section)
+        write_docs(section, BEGIN, END)
 
 
 if __name__ == "__main__":

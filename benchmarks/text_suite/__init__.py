@@ -1,4 +1,5 @@
-"""Offline text benchmark suite: builder of the task data (see ``README.md`` in this folder).
+"""Offline text benchmark suite: task data builder, fine-tuning and merge runner (see ``README.md`` here).
 
-A package so that the tests can import the parsers as ``benchmarks.text_suite.tasks``.
+A package so that the tests can import ``benchmarks.text_suite.tasks`` and ``benchmarks.text_suite.run``, and
+the demo the shared fine-tuning code.
 """

@@ -1,0 +1,190 @@
+"""The text-suite runner's pieces on a fake 2-task layout: no Debian data, no fine-tunes, no merges.
+
+Recipes must pass hubmerge's own validation for every method, and the docs table must show exactly the
+numbers of the `hubmerge.json` records it is given.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from benchmarks.text_suite import run
+from hubmerge.recipe import parse_recipe
+
+TASKS = {"alpha": ["one", "two"], "beta": ["red", "green", "blue"]}
+
+
+@pytest.fixture
+def cache(tmp_path: Path) -> Path:
+    """A `.cache/text_suite` look-alike: data metas and a fine-tune report, nothing else."""
+    report = {"tasks": {}}
+    for i, (name, label_texts) in enumerate(TASKS.items()):
+        (tmp_path / "data" / name).mkdir(parents=True)
+        meta = {"task": name, "labels": label_texts, "label_texts": label_texts}
+        (tmp_path / "data" / name / "meta.json").write_text(json.dumps(meta))
+        report["tasks"][name] = {"max_length": 8 + i}
+    (tmp_path / "finetune_report.json").write_text(json.dumps(report))
+    return tmp_path
+
+
+@pytest.mark.parametrize("method", run.METHODS, ids=lambda m: m.key)
+def test_recipe_of_every_method_validates(cache: Path, method: run.Method) -> None:
+    tasks = run.suite_tasks(cache)
+    grids = run.Grids(scaling=[0.5, 1.0], k=[1, 2, 3], lambdas=[0.2, 0.4])
+    data = run.recipe_for(method, tasks, cache / "base", cache / "out" / method.key, grids, cache)
+
+    recipe = parse_recipe(data, origin=f"{method.key}.yaml")
+
+    assert recipe.method == method.method
+    assert recipe.parameters == method.parameters
+    assert recipe.base == "base"
+    assert [m.name for m in recipe.models] == ["alpha", "beta"]
+    assert [m.source for m in recipe.models] == ["finetuned/alpha", "finetuned/beta"]
+    evaluation = recipe.evaluation
+    assert evaluation.head == "zero_shot_text" and evaluation.split == "test"
+    assert evaluation.tasks["beta"].label_names == ["red", "green", "blue"]
+    assert evaluation.tasks["beta"].max_length == 9
+    assert evaluation.tasks["alpha"].data_files == {
+        "validation": "data/alpha/val.jsonl",
+        "test": "data/alpha/test.jsonl",
+    }
+    if not method.searches:
+        assert recipe.search is None
+        return
+    assert recipe.search.split == "validation"
+    if "scaling" in method.searches:
+        assert recipe.search.scaling == [0.5, 1.0]
+    if "k" in method.searches:
+        assert recipe.search.k == [1, 2]  # k = 3 > T = 2 is left out
+    if "lambda" in method.searches:
+        assert recipe.search.lambdas == [0.2, 0.4]
+
+
+def eval_rows(method: str, accuracy: dict[str, float], finetuned: dict[str, float]) -> dict:
+    """Evaluation rows as `hubmerge run` records them (normalized = accuracy / fine-tuned)."""
+    zero_shot = {"alpha": 0.25, "beta": 0.5}
+
+    def row(scores: dict[str, float]) -> dict:
+        norm = {t: scores[t] / finetuned[t] for t in scores}
+        return {
+            "accuracy": scores,
+            "normalized": norm,
+            "mean_accuracy": sum(scores.values()) / 2,
+            "mean_normalized": sum(norm.values()) / 2,
+        }
+
+    return {"rows": {"zero-shot": row(zero_shot), "fine-tuned": row(finetuned), method: row(accuracy)}}
+
+
+def finetune_report() -> dict:
+    task = {
+        "classes": 2,
+        "max_length": 8,
+        "steps": 189,
+        "threads": 1,
+        "train_seconds": 61.0,
+        "base_val_acc": 0.25,
+        "finetuned_val_acc": 0.75,
+        "base_test_acc": 0.25,
+        "finetuned_test_acc": 0.8,
+        "tau_l2": 3.05,
+        "tau_zero_share": 0.5,
+        "word_rows_moved_share": 0.125,
+    }
+    return {
+        "settings": {
+            "epochs": 3,
+            "batch_size": 32,
+            "lr": 1e-4,
+            "weight_decay": 0.0,
+            "warmup_share": 0.06,
+            "grad_clip": 1.0,
+            "seed": 0,
+        },
+        "train_examples": 2000,
+        "max_length_bounds": [8, 64],
+        "head": {"logit_scale": 20.0, "label_max_length": 16, "pooling": "mean"},
+        "tasks": {"alpha": task, "beta": {**task, "finetuned_test_acc": 1.0}},
+    }
+
+
+def test_docs_table_shows_the_recorded_numbers() -> None:
+    finetuned = {"alpha": 0.8, "beta": 1.0}
+    d = 1000
+    records = {
+        "task_arithmetic": {
+            "method": "task_arithmetic",
+            "parameters_counted": d,
+            "tasks": [{"name": "alpha"}, {"name": "beta"}],
+            "search": {"chosen": {"scaling": 0.3}, "candidates": [{"scaling": 0.3}, {"scaling": 0.2}]},
+            "evaluation": eval_rows("task_arithmetic", {"alpha": 0.6, "beta": 0.9}, finetuned),
+        },
+        "weight_average": {
+            "method": "weight_average",
+            "parameters_counted": d,
+            "tasks": [{"name": "alpha"}, {"name": "beta"}],
+            "evaluation": eval_rows("weight_average", {"alpha": 0.4, "beta": 0.7}, finetuned),
+        },
+        "tall_ta": {
+            "method": "tall_masks",
+            "parameters_counted": d,
+            "tasks": [{"name": "alpha"}, {"name": "beta"}],
+            "search": {
+                "chosen": {"lambda": {"alpha": 0.2, "beta": 0.5}},
+                "candidates": [{"lambda": lam} for lam in run.PAPER_LAMBDA],
+            },
+            "storage": {"artifact_bits": 34 * d, "paper_bits": 66 * d, "finetuned_fp32_bits": 64 * d},
+            "evaluation": eval_rows("tall_masks", {"alpha": 0.8, "beta": 1.0}, finetuned),
+        },
+    }
+    context = {"date": "D", "machine": "M", "command": "C", "grids": "G"}
+
+    section = run.render_section(
+        records, finetune_report(), {"task_arithmetic": {"seconds": 12.3, "threads": 1}}, context
+    )
+    lines = section.splitlines()
+
+    assert "| zero-shot | 25.0 | 50.0 | 37.5 | 40.6 |" in lines  # normalized (0.3125 + 0.5) / 2
+    assert "| weight averaging | 40.0 | 70.0 | 55.0 | 60.0 |" in lines
+    assert "| Task Arithmetic | 60.0 | 90.0 | 75.0 | 82.5 |" in lines
+    assert "| TALL masks + TA | 80.0 | 100.0 | 90.0 | 100.0 |" in lines
+    assert "| fine-tuned | 80.0 | 100.0 | 90.0 | 100.0 |" in lines
+    assert "| TIES | — | — | — | — |" in lines
+    assert (
+        section.index("| zero-shot |")
+        < section.index("| weight averaging |")
+        < section.index("| fine-tuned |")
+    )
+    assert section.startswith("## ") and "**Partial run**" in section and "Consensus TA" in section
+    # storage: merged 32·P′ against 32·T·P′; TALL its own accounting
+    assert "| weight averaging | — | — | 32,000 | — | 0.500× | — |" in lines
+    assert (
+        "| Task Arithmetic | α ∈ {0.2, 0.3} (reduced) | α = 0.3 | 32,000 | — | 0.500× | 12 (1 thr.) |"
+        in lines
+    )
+    assert (
+        "| TALL masks + TA | λ ∈ {0.2, 0.3, 0.4, 0.5, 0.6} | merge = task_arithmetic; λ per task (alpha 0.2, beta 0.5) | 34,000 | 66,000 | 0.531× | — |"
+        in lines
+    )
+    assert "| alpha | 2 | 8 | 189 | 1 | 61 | 25.0 → 75.0 | 25.0 → 80.0 | 3.05 | 50.0 % | 12.5 % |" in lines
+    assert "- TALL masks + TA ≥ 99 % normalized mean: 100.0 % → met" in lines
+    assert "- TALL masks + TIES ≥ 99 % normalized mean: — → not run" in lines
+    assert "- Task Arithmetic > weight averaging (normalized mean): 82.5 vs 60.0 → met" in lines
+    assert "- weight averaging > zero-shot (normalized mean): 60.0 vs 40.6 → met" in lines
+    assert "- Consensus TA ≥ Task Arithmetic: not run" in lines
+
+
+def test_write_docs_replaces_only_its_section(tmp_path: Path) -> None:
+    docs = tmp_path / "benchmarks.md"
+    docs.write_text("# Benchmarks\n\n<!-- memory.py: begin -->\nmemory\n<!-- memory.py: end -->\n")
+
+    run.write_docs("first\n", run.BEGIN, run.END, docs)
+    run.write_docs("second\n", run.BEGIN, run.END, docs)
+
+    assert docs.read_text() == (
+        "# Benchmarks\n\n<!-- memory.py: begin -->\nmemory\n<!-- memory.py: end -->\n\n"
+        f"{run.BEGIN}\nsecond\n{run.END}\n"
+    )
