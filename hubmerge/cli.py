@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import signal
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -29,6 +30,17 @@ if not console.is_terminal:
     # Rich falls back to 80 columns for pipes and logs, which folds paths and numbers in the tables.
     console.width = 120
 errors = Console(stderr=True)
+
+
+@app.callback()
+def _on_start() -> None:
+    # A SIGTERM (a scheduler's timeout, torchrun stopping the other processes of a failed run) then unwinds
+    # like Ctrl-C: staging and search directories are removed and the previous output stays as it was.
+    signal.signal(signal.SIGTERM, _terminate)
+
+
+def _terminate(signum: int, _frame: object) -> None:
+    raise SystemExit(128 + signum)
 
 
 def _human(n: float) -> str:

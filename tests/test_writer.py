@@ -3,10 +3,15 @@
 from __future__ import annotations
 
 import json
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 
 from hubmerge import parse_recipe, run_recipe
 from hubmerge.engine import Engine
@@ -122,3 +127,37 @@ def test_run_interrupted_mid_stream_writes_nothing(tmp_path, monkeypatch):
     with pytest.raises(KeyboardInterrupt):
         run_recipe(parse_recipe(recipe("tall_masks")), output=tmp_path / "out")
     assert list(tmp_path.iterdir()) == []
+
+
+def test_sigterm_during_a_run_leaves_no_staging_directory(tmp_path):
+    generator = torch.Generator().manual_seed(0)
+    base = torch.randn(4096, 4096, generator=generator)
+    paths = []
+    for name in ("base", "a", "b"):
+        weights = base if name == "base" else base + 0.01 * torch.randn(4096, 4096, generator=generator)
+        paths.append(tmp_path / f"{name}.safetensors")
+        save_file({"w": weights}, paths[-1])
+    recipe_file = tmp_path / "ties.yaml"
+    recipe_file.write_text(
+        json.dumps(
+            {"version": 1, "base": str(paths[0]), "models": [str(p) for p in paths[1:]], "method": "ties"}
+        )
+    )
+    hubmerge = Path(sys.executable).with_name("hubmerge")
+    process = subprocess.Popen([str(hubmerge), "run", str(recipe_file), "-o", str(tmp_path / "out"), "-q"])
+    deadline = time.monotonic() + 120
+    while (
+        not list(tmp_path.glob(".out.partial-*")) and process.poll() is None and time.monotonic() < deadline
+    ):
+        time.sleep(0.01)
+    assert process.poll() is None, "the run ended before it could be interrupted"
+
+    process.send_signal(signal.SIGTERM)
+
+    assert process.wait(timeout=120) == 128 + signal.SIGTERM
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "a.safetensors",
+        "b.safetensors",
+        "base.safetensors",
+        "ties.yaml",
+    ]
