@@ -7,6 +7,9 @@ compared with an independent computation on models loaded with `from_pretrained`
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -427,3 +430,32 @@ def test_bad_evaluation_input(text_models: Path, tmp_path: Path, change, message
     assert result.exit_code == 2
     assert message in " ".join(result.output.split())
     assert not (tmp_path / "out").exists()
+
+
+def test_search_with_two_processes_chooses_and_writes_what_one_process_does(
+    text_models: Path, tmp_path: Path
+) -> None:
+    data = text_recipe(text_models, tmp_path, "consensus", search={"k": [1, 2], "scaling": [0.5, 1.0]})
+    (tmp_path / "single").mkdir()
+    single = run(data, tmp_path / "single", "-o", str(tmp_path / "single" / "out"))
+    assert single.exit_code == 0, single.output
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(yaml.safe_dump(data))
+
+    done = subprocess.run(
+        [str(Path(sys.executable).with_name("hubmerge")), "run", str(recipe), "-q", "--num-processes", "2"],
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+        capture_output=True,
+        text=True,
+        timeout=600,
+        check=False,
+    )
+
+    assert done.returncode == 0, done.stderr[-4000:]
+    one, two = (
+        json.loads((d / "hubmerge.json").read_text()) for d in (tmp_path / "single" / "out", tmp_path / "out")
+    )
+    assert two["processes"] == 2
+    assert two["search"] == one["search"] and two["evaluation"] == one["evaluation"]
+    weights = "model.safetensors"
+    assert (tmp_path / "out" / weights).read_bytes() == (tmp_path / "single" / "out" / weights).read_bytes()
