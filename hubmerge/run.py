@@ -240,9 +240,10 @@ def finish_output(
         copy_support_files(job.base.directory, staging)
     if search is not None:
         record["search"] = search_record(search, recipe)
-    if scoring is not None:
-        record["evaluation"] = scoring.report(job, staging)
     (staging / MANIFEST).write_text(json.dumps(record, indent=2) + "\n")
+    if scoring is not None:
+        record["evaluation"] = scoring.report(job, staging)  # reads a compressed output back by its manifest
+        (staging / MANIFEST).write_text(json.dumps(record, indent=2) + "\n")
     (staging / RECIPE_FILE).write_text(pinned_recipe(job))
     if recipe.push and recipe.push.export == "subfolders":
         export_subfolders(staging, max_shard_size=max_shard_size, token=token, endpoint=endpoint)

@@ -459,3 +459,18 @@ def test_search_with_two_processes_chooses_and_writes_what_one_process_does(
     assert two["search"] == one["search"] and two["evaluation"] == one["evaluation"]
     weights = "model.safetensors"
     assert (tmp_path / "out" / weights).read_bytes() == (tmp_path / "single" / "out" / weights).read_bytes()
+
+
+def test_compressed_output_is_scored_during_the_run_as_the_eval_command_scores_it(
+    text_models: Path, tmp_path: Path
+) -> None:
+    data = text_recipe(text_models, tmp_path, "tall_masks")
+    result = run(data, tmp_path)
+    assert result.exit_code == 0, result.output
+    manifest = tmp_path / "out" / "hubmerge.json"
+    during_run = json.loads(manifest.read_text())["evaluation"]
+    assert list(during_run["rows"]) == ["zero-shot", "fine-tuned", "tall_masks"]
+
+    assert runner.invoke(app, ["eval", str(tmp_path / "recipe.yaml")]).exit_code == 0
+
+    assert json.loads(manifest.read_text())["evaluation"] == during_run
