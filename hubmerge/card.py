@@ -297,7 +297,8 @@ def plot_agreement(record: dict[str, Any], path: Path) -> None:
     hist, active = stats["agreement_histogram"], stats["agreement_histogram_active"]
     total = sum(hist)
     counts = range(len(hist))
-    fig, ax = plt.subplots(figsize=(6, 3.5), dpi=100)
+    # Wide enough that the "catastrophic" and "selfish" labels of neighbouring bars do not overlap.
+    fig, ax = plt.subplots(figsize=(max(6.0, 0.9 * len(hist)), 3.5), dpi=100)
     width = 0.4
     ax.bar([c - width / 2 for c in counts], [100 * n / total for n in hist], width, label="all entries")
     ax.bar([c + width / 2 for c in counts], [100 * n / total for n in active], width, label="some τ_t ≠ 0")
