@@ -55,8 +55,8 @@ from hubmerge.recipe import Recipe
 from hubmerge.sources import Checkpoint, TensorInfo, check_compatible, locate_source, open_source
 from hubmerge.writer import ShardedFiles, Slot
 
-# 8 MiB float32 pieces: on a 1B bf16 model at T = 8, 2^22 entries gave 1.3 GiB peak RSS (glibc keeps freed
-# piece buffers), 2^21 0.87 GiB at the same speed, 2^20 0.6 GiB but 1.6x slower (docs/benchmarks.md).
+# 8 MiB float32 pieces: on a 1B bf16 model at T = 8, 2^22 entries gave 1.27 GiB peak RSS (glibc keeps freed
+# piece buffers), 2^21 0.85 GiB at about the same speed, 2^20 0.60 GiB but 1.6x slower (docs/benchmarks.md).
 DEFAULT_BLOCK_ENTRIES = 1 << 21
 # Pieces computed but not yet written: the writer thread may lag this far behind before compute waits.
 WRITES_IN_FLIGHT = 2
