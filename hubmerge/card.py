@@ -168,10 +168,15 @@ def build_card(
         exported: tasks whose materialized models sit in subfolders.
     """
     compressed = record["result"] == "compressed"
+    open_clip = record.get("library") == "open_clip"
     inherited = record.get("base_card", {})
+    if compressed or open_clip:
+        library = "hubmerge" if compressed else "open_clip"
+    else:
+        library = "transformers" if record.get("has_config") else None
     data = ModelCardData(
         base_model=hub_ids(record) or None,
-        library_name="hubmerge" if compressed else ("transformers" if record.get("has_config") else None),
+        library_name=library,
         tags=["merge", "hubmerge", record["method"]],
         license=inherited.get("license"),
         license_name=inherited.get("license_name"),
@@ -206,11 +211,18 @@ def build_card(
         )
     else:
         summary = f"{t} fine-tuned models of one base merged with `{record['method']}` into one model."
-        usage = (
-            f'from transformers import AutoModel\n\nmodel = AutoModel.from_pretrained("{where}")'
-            if record.get("has_config")
-            else ""
-        )
+        if open_clip:
+            schema = "hf-hub:" if repo_id else "local-dir:"
+            usage = (
+                "import open_clip\n\n"
+                f'model, _, preprocess = open_clip.create_model_and_transforms("{schema}{where}")'
+            )
+        else:
+            usage = (
+                f'from transformers import AutoModel\n\nmodel = AutoModel.from_pretrained("{where}")'
+                if record.get("has_config")
+                else ""
+            )
     consensus_note = ""
     stats = record.get("stats", {})
     if record["method"] == "consensus" and stats.get("agreement_histogram"):

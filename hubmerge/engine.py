@@ -499,7 +499,7 @@ class Engine:
     def write_merged(self, directory: Path, max_shard_size: int | str) -> list[str]:
         job = self.job
         slots = [Slot(k, job.out_dtype(k), job.base.infos[k].shape) for k in sorted(job.base.infos)]
-        files = ShardedFiles(directory, slots, max_shard_size)
+        files = ShardedFiles(directory, slots, max_shard_size, stem=job.base.weights_stem)
         if self.group.is_main:
             files.create()
         self.group.barrier()

@@ -16,6 +16,7 @@ import torch
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
 
 from hubmerge.errors import HubmergeError
+from hubmerge.hub import OPEN_CLIP_CONFIG
 from hubmerge.recipe import EvalTask, Evaluation
 
 Overlay = dict[str, torch.Tensor]
@@ -125,6 +126,7 @@ class Evaluator:
         self._heads: dict[str, torch.Tensor] = {}
         self._tokenizers: dict[Any, Any] = {}
         self._prepared = False
+        self.open_clip = evaluation.head == "clip_zero_shot" and (base_dir / OPEN_CLIP_CONFIG).is_file()
 
     @property
     def tasks(self) -> list[str]:
@@ -163,6 +165,8 @@ class Evaluator:
         from transformers import AutoModel, AutoModelForSequenceClassification, CLIPModel
 
         head = self.evaluation.head
+        if self.open_clip:
+            return self._build_open_clip()
         try:
             if head == "sequence_classification":
                 return AutoModelForSequenceClassification.from_pretrained(self.task_dirs[task])
@@ -180,6 +184,26 @@ class Evaluator:
             raise HubmergeError(
                 f"evaluation.head zero_shot_text needs a text encoder; got {type(model).__name__}"
             )
+        return model
+
+    def _build_open_clip(self) -> torch.nn.Module:
+        """The base through open_clip's own loader; its tokenizer and eval transform are kept beside it."""
+        try:
+            import open_clip
+        except ImportError:
+            raise HubmergeError(
+                f"evaluation: {self.base_dir} is an open_clip checkpoint ({OPEN_CLIP_CONFIG}); "
+                "install the clip extra to evaluate it: pip install 'hubmerge[clip]'"
+            ) from None
+        where = f"local-dir:{self.base_dir}"
+        try:
+            model, _, preprocess = open_clip.create_model_and_transforms(where)
+            self._tokenizers[self.base_dir] = open_clip.get_tokenizer(where)
+        except (OSError, ValueError, RuntimeError, KeyError) as err:
+            raise HubmergeError(
+                f"evaluation: cannot load the open_clip model in {self.base_dir}: {str(err).splitlines()[0]}"
+            ) from None
+        self._tokenizers["image"] = preprocess
         return model
 
     def _tokenizer(self, task: str) -> Any:
@@ -219,9 +243,7 @@ class Evaluator:
                 templates = self.evaluation.tasks[task].templates
                 rows = []
                 for name in label_names:
-                    enc = tokenizer([t.format(name) for t in templates], padding=True, return_tensors="pt")
-                    enc = {k: v.to(self.device) for k, v in enc.items()}
-                    text = model.text_projection(model.text_model(**enc).pooler_output)
+                    text = self._text_features(model, tokenizer, [t.format(name) for t in templates])
                     rows.append(
                         torch.nn.functional.normalize(
                             torch.nn.functional.normalize(text, dim=-1).mean(0), dim=0
@@ -245,10 +267,7 @@ class Evaluator:
         spec = self.evaluation.tasks[task]
         head = self.evaluation.head
         if head == "clip_zero_shot":
-            pixels = self._processor()(images=[image.convert("RGB") for image in batch], return_tensors="pt")
-            image = model.visual_projection(
-                model.vision_model(pixel_values=pixels["pixel_values"].to(self.device)).pooler_output
-            )
+            image = self._image_features(model, [image.convert("RGB") for image in batch])
             return torch.nn.functional.normalize(image, dim=-1) @ self._heads[task].T
         enc = self._tokenizer(task)(
             batch, padding=True, truncation=True, max_length=spec.max_length, return_tensors="pt"
@@ -258,6 +277,22 @@ class Evaluator:
             return model(**enc).logits
         features = mean_pool(model(**enc).last_hidden_state, enc["attention_mask"])
         return torch.nn.functional.normalize(features, dim=-1) @ self._heads[task].T
+
+    def _text_features(self, model: torch.nn.Module, tokenizer: Any, texts: list[str]) -> torch.Tensor:
+        """CLIP text embeddings (projected, not normalized) of transformers' CLIPModel or an open_clip model."""
+        if self.open_clip:
+            return model.encode_text(tokenizer(texts).to(self.device))
+        enc = tokenizer(texts, padding=True, return_tensors="pt")
+        enc = {k: v.to(self.device) for k, v in enc.items()}
+        return model.text_projection(model.text_model(**enc).pooler_output)
+
+    def _image_features(self, model: torch.nn.Module, images: list[Any]) -> torch.Tensor:
+        """CLIP image embeddings (projected, not normalized) of RGB PIL images."""
+        if self.open_clip:
+            preprocess = self._tokenizers["image"]  # set with the model: open_clip's eval transform
+            return model.encode_image(torch.stack([preprocess(image) for image in images]).to(self.device))
+        pixels = self._processor()(images=images, return_tensors="pt")["pixel_values"]
+        return model.visual_projection(model.vision_model(pixel_values=pixels.to(self.device)).pooler_output)
 
     def _processor(self) -> Any:
         from transformers import AutoImageProcessor

@@ -22,6 +22,8 @@ from hubmerge.recipe import PushTarget, split_revision
 SAFETENSORS_INDEX = "model.safetensors.index.json"
 BIN_INDEX = "pytorch_model.bin.index.json"
 WEIGHT_PATTERNS = {"safetensors": ["*.safetensors", SAFETENSORS_INDEX], "bin": ["*.bin", BIN_INDEX]}
+# An open_clip checkpoint: this config beside open_clip_model.safetensors (or open_clip_pytorch_model.bin).
+OPEN_CLIP_CONFIG = "open_clip_config.json"
 # Files a model directory needs besides its weights: downloaded with Hub sources, copied into outputs.
 SUPPORT_FILES = (
     "config.json",
@@ -40,6 +42,7 @@ SUPPORT_FILES = (
     "sentence_bert_config.json",
     "config_sentence_transformers.json",
     "[0-9]_*/*.json",
+    OPEN_CLIP_CONFIG,
 )
 # The base's card is read for its license and pipeline tag, which a merge inherits.
 CARD_FILE = "README.md"

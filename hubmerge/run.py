@@ -122,6 +122,7 @@ def run_record(job: MergeJob, engine: Engine, seconds: float) -> dict[str, Any]:
         "include": job.recipe.include,
         "exclude": job.recipe.exclude,
         "has_config": job.base.directory is not None and (job.base.directory / "config.json").is_file(),
+        "library": "open_clip" if job.base.is_open_clip else "transformers",
         "stats": engine.stats.as_dict(),
         "device": str(engine.device),
         "processes": engine.group.world_size,

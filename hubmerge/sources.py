@@ -18,7 +18,7 @@ import yaml
 
 from hubmerge import hub
 from hubmerge.errors import HubmergeError
-from hubmerge.hub import BIN_INDEX, CARD_FILE, SAFETENSORS_INDEX, SUPPORT_FILES, HubSource
+from hubmerge.hub import BIN_INDEX, CARD_FILE, OPEN_CLIP_CONFIG, SAFETENSORS_INDEX, SUPPORT_FILES, HubSource
 from hubmerge.recipe import is_hub_id
 
 ANSI_ESCAPE = re.compile(r"\x1b\[[0-9;]*m")
@@ -95,6 +95,16 @@ class Checkpoint:
     def directory(self) -> Path | None:
         """The model directory holding config/tokenizer files, or None for a bare weights file."""
         return self.root if self.root.is_dir() else None
+
+    @property
+    def is_open_clip(self) -> bool:
+        """An open_clip checkpoint (its directory has open_clip_config.json) rather than a transformers one."""
+        return self.directory is not None and (self.directory / OPEN_CLIP_CONFIG).is_file()
+
+    @property
+    def weights_stem(self) -> str:
+        """The weight file name outputs of this base use: what its own library looks for when loading."""
+        return "open_clip_model" if self.is_open_clip else "model"
 
     @property
     def weight_bytes(self) -> int:
@@ -244,7 +254,13 @@ def _weight_files(root: Path) -> list[Path]:
                 if not f.is_file():
                     raise HubmergeError(f"{index}: shard {f.name} is missing")
             return files
-    for single in ("model.safetensors", "pytorch_model.bin"):
+    singles = (
+        "model.safetensors",
+        "open_clip_model.safetensors",
+        "pytorch_model.bin",
+        "open_clip_pytorch_model.bin",
+    )
+    for single in singles:
         if (root / single).is_file():
             return [root / single]
     candidates = sorted(root.glob("*.safetensors"))
@@ -253,7 +269,7 @@ def _weight_files(root: Path) -> list[Path]:
     found = ", ".join(p.name for p in candidates) if candidates else "none"
     raise HubmergeError(
         f"{root}: no model weights found (looked for {SAFETENSORS_INDEX}, model.safetensors, {BIN_INDEX}, "
-        f"pytorch_model.bin, or a single *.safetensors; found: {found})"
+        f"pytorch_model.bin, open_clip_pytorch_model.bin, or a single *.safetensors; found: {found})"
     )
 
 
