@@ -11,8 +11,10 @@ process group (see `distributed.py`) each process takes a balanced share of the 
 global statistics are summed across processes.
 
 Passes per method: Task Arithmetic, weight averaging, TALL/Consensus with TA: one. Magnitude masking and
-pruning: two threshold histograms, then output. TIES and its TALL/Consensus variants: two threshold
-histograms, the majority sign, then output.
+pruning: two threshold histograms, then output. TIES: two threshold histograms, the majority sign guessed
+from every 16th piece, then output, which counts the true majority; if the guess was wrong, the output pass
+runs again with it (bf16 deltas cancel exactly often, so most pieces can depend on it).
+TALL/Consensus with TIES (and TIES `max`): two threshold histograms, the majority sign, then output.
 """
 
 from __future__ import annotations
@@ -38,7 +40,13 @@ from hubmerge.lock import Lock
 from hubmerge.methods import METHODS, MergeSpec
 from hubmerge.methods.tall import agreement_histograms, consensus_mask, mask_count, tall_masks
 from hubmerge.methods.task_arithmetic import apply_vector, sum_in_task_order, task_vectors
-from hubmerge.methods.ties import disjoint_merge, elect_sign, resolve_zero_signs, sign_count, trim
+from hubmerge.methods.ties import (
+    disjoint_merge,
+    elect_sign,
+    resolve_zero_signs,
+    sign_count,
+    trim,
+)
 from hubmerge.methods.topk import (
     HIGH_BUCKETS,
     LOW_BUCKETS,
@@ -58,6 +66,8 @@ from hubmerge.writer import ShardedFiles, Slot
 # 8 MiB float32 pieces: on a 1B bf16 model at T = 8, 2^22 entries gave 1.27 GiB peak RSS (glibc keeps freed
 # piece buffers), 2^21 0.85 GiB at about the same speed, 2^20 0.60 GiB but 1.6x slower (docs/benchmarks.md).
 DEFAULT_BLOCK_ENTRIES = 1 << 21
+# A plain TIES merge guesses the majority sign from every 16th piece, then checks it in the output pass.
+MAJORITY_SAMPLE_STRIDE = 16
 # Pieces computed but not yet written: the writer thread may lag this far behind before compute waits.
 WRITES_IN_FLIGHT = 2
 Rows = tuple[int, int] | None
@@ -180,8 +190,10 @@ def pass_names(spec: MergeSpec) -> list[str]:
         names += ["top-k thresholds (high bits)", "top-k thresholds (low bits)"]
     if spec.tensor_topk_density is not None:
         names.append("per-tensor thresholds")
-    if spec.needs_majority_sign:
+    if spec.majority_sign_pass:
         names.append("TIES majority sign")
+    elif spec.needs_majority_sign:
+        names.append("TIES majority sign (sample)")
     names.append("merge and write")
     return names
 
@@ -189,6 +201,8 @@ def pass_names(spec: MergeSpec) -> list[str]:
 def plan_summary(job: MergeJob, block_entries: int = DEFAULT_BLOCK_ENTRIES) -> dict[str, Any]:
     """What a run will do and cost, for `--dry-run`."""
     passes = pass_names(job.spec)
+    sampled = sum(name.endswith("(sample)") for name in passes)
+    full_passes = len(passes) - sampled + sampled / MAJORITY_SAMPLE_STRIDE
     float_bytes = sum(ckpt.infos[k].nbytes for ckpt in (job.base, *job.models) for k in job.merge_keys)
     copy_bytes = sum(job.base.infos[k].nbytes for k in job.copy_keys)
     t = len(job.models)
@@ -219,7 +233,7 @@ def plan_summary(job: MergeJob, block_entries: int = DEFAULT_BLOCK_ENTRIES) -> d
         "tensors": {"merged": len(job.merge_keys), "copied": len(job.copy_keys)},
         "parameters_counted": job.d,
         "passes": passes,
-        "bytes_to_read": float_bytes * len(passes) + copy_bytes,
+        "bytes_to_read": int(float_bytes * full_passes) + copy_bytes,
         "output_bytes": output_bytes,
         # float32 pieces alive at once: T+1 inputs, T task vectors, a few work buffers; TIES adds T trimmed
         # and T sign-selected vectors
@@ -279,6 +293,9 @@ class Engine:
             self.stats.kept = [0] * t
         self._tensor_thresholds: dict[str, list[float | None]] = {}
         self._majority = 0
+        # Whether the output pass counts the TIES signs (its majority is then the sample's guess), and the count
+        self._counting_signs = False
+        self._sign_count = 0
         self.bytes_read = 0
 
     def _progress(self) -> Progress:
@@ -291,8 +308,9 @@ class Engine:
             transient=False,
         )
 
-    def _blocks(self, keys: list[str], whole: bool = False) -> list[tuple[str, Rows]]:
-        """This process's share of the pieces of `keys` (all of them when it runs alone), in key order."""
+    def _blocks(self, keys: list[str], whole: bool = False, stride: int = 1) -> list[tuple[str, Rows]]:
+        """This process's share of the pieces of `keys` (all of them when it runs alone), in key order;
+        with `stride`, every stride-th piece of that share."""
         infos = self.job.base.infos
         blocks = [
             (k, rows)
@@ -300,10 +318,12 @@ class Engine:
             for rows in ([None] if whole else row_blocks(infos[k], self.block_entries))
         ]
         sizes = [piece_entries(infos[k], rows) for k, rows in blocks]
-        return [blocks[i] for i in self.group.shard(sizes)]
+        return [blocks[i] for i in self.group.shard(sizes)][::stride]
 
-    def _pieces(self, description: str, keys: list[str], whole: bool = False) -> Iterator[tuple[str, Rows]]:
-        blocks = self._blocks(keys, whole)
+    def _pieces(
+        self, description: str, keys: list[str], whole: bool = False, stride: int = 1
+    ) -> Iterator[tuple[str, Rows]]:
+        blocks = self._blocks(keys, whole, stride)
         with self._progress() as progress:
             task = progress.add_task(description, total=len(blocks))
             for item in blocks:
@@ -321,10 +341,10 @@ class Engine:
         return base, thetas
 
     def _inputs(
-        self, description: str, whole: bool = False
+        self, description: str, whole: bool = False, stride: int = 1
     ) -> Iterator[tuple[str, Rows, torch.Tensor, list[torch.Tensor]]]:
         """(key, rows, θ0 piece, θ_t pieces) in float32 on the device, the next piece read in the background."""
-        pieces = self._pieces(description, self.job.merge_keys, whole)
+        pieces = self._pieces(description, self.job.merge_keys, whole, stride)
         if not self.prefetch:
             for key, rows in pieces:
                 yield key, rows, *self._on_device(self._read(key, rows))
@@ -431,11 +451,14 @@ class Engine:
             return self.stats.thresholds
         return [None] * len(self.job.models)
 
-    def _ties_majority(self) -> None:
-        total = 0
-        for key, _, base, thetas in self._inputs("TIES majority sign"):
-            total += sign_count(elect_sign(trim(task_vectors(base, thetas), self._thresholds_for(key))))
-        total = int(self.group.all_sum(torch.tensor([total], dtype=torch.int64)))
+    def _ties_sign_count(self, description: str, stride: int = 1) -> int:
+        """Σ of the elected signs over the pieces of every process (every stride-th piece of each share)."""
+        count = 0
+        for key, _, base, thetas in self._inputs(description, stride=stride):
+            count += sign_count(elect_sign(trim(task_vectors(base, thetas), self._thresholds_for(key))))
+        return int(self.group.all_sum(torch.tensor([count], dtype=torch.int64)))
+
+    def _set_majority(self, total: int) -> None:
         self.stats.sign_total = total
         self._majority = (total > 0) - (total < 0)
 
@@ -445,8 +468,12 @@ class Engine:
             self.stats.thresholds = self._global_thresholds(self.spec.global_topk_density)
         if self.spec.tensor_topk_density is not None:
             self._per_tensor_thresholds(self.spec.tensor_topk_density)
-        if self.spec.needs_majority_sign:
-            self._ties_majority()
+        if self.spec.majority_sign_pass:
+            self._set_majority(self._ties_sign_count("TIES majority sign"))
+        elif self.spec.needs_majority_sign:
+            self._set_majority(self._ties_sign_count("TIES majority sign (sample)", MAJORITY_SAMPLE_STRIDE))
+            self.stats.sign_total = None
+            self._counting_signs = True
 
     # -- the output pass ---------------------------------------------------------------------------------
 
@@ -460,9 +487,7 @@ class Engine:
         if spec.vector == "sum":
             tau_mtl = sum_in_task_order(taus)
         elif spec.vector == "ties":
-            trimmed = trim(taus, self._thresholds_for(key))
-            signs = resolve_zero_signs(elect_sign(trimmed), self._majority)
-            tau_mtl = disjoint_merge(trimmed, signs, spec.ties.merge)
+            tau_mtl = self._ties_vector(key, taus)
         masks: list[torch.Tensor] = []
         if spec.masks == "tall":
             masks = tall_masks(base, thetas, tau_mtl, spec.lambdas)
@@ -476,6 +501,23 @@ class Engine:
                 self.stats.consensus_kept += int(keep.sum())
                 tau_mtl = tau_mtl * keep
         return tau_mtl, masks, taus
+
+    def _ties_vector(self, key: str, taus: list[torch.Tensor]) -> torch.Tensor:
+        trimmed = trim(taus, self._thresholds_for(key))
+        elected = elect_sign(trimmed)
+        if self._counting_signs:
+            self._sign_count += sign_count(elected)
+        return disjoint_merge(trimmed, resolve_zero_signs(elected, self._majority), self.spec.ties.merge)
+
+    def _guessed_wrong(self) -> bool:
+        """After an output pass that counted the TIES signs: whether the sample's guess of the majority was
+        wrong where it matters to `mean`/`sum` (> 0 or not); the true majority is set either way."""
+        if not self._counting_signs:
+            return False
+        guess = self._majority
+        self._counting_signs = False
+        self._set_majority(int(self.group.all_sum(torch.tensor([self._sign_count], dtype=torch.int64))))
+        return (guess > 0) != (self._majority > 0)
 
     def _record_masks(self, masks: list[torch.Tensor], count: torch.Tensor, taus: list[torch.Tensor]) -> None:
         active = taus[0] != 0
@@ -503,17 +545,24 @@ class Engine:
         if self.group.is_main:
             files.create()
         self.group.barrier()
-        try:
-            for key, _ in self._blocks(job.copy_keys, whole=True):
-                files.write(key, job.base.read(key))
+
+        def output_pass(description: str) -> None:
             with self._writer() as submit:
-                for key, rows, base, thetas in self._inputs("merge and write"):
+                for key, rows, base, thetas in self._inputs(description):
                     tau_mtl, _, _ = self.compute(key, base, thetas)
                     merged = apply_vector(base, tau_mtl, self.spec.scaling).to(job.out_dtype(key))
                     submit(files.write, key, merged, first_entry(job.base.infos[key], rows))
+
+        try:
+            for key, _ in self._blocks(job.copy_keys, whole=True):
+                files.write(key, job.base.read(key))
+            output_pass("merge and write")
+            written = files.written  # a second output pass puts its bytes in the same places again
+            if self._guessed_wrong():
+                output_pass("merge and write (majority sign corrected)")
         finally:
             files.close()
-        self._check_complete(files.written, files.data_bytes, "merged weights")
+        self._check_complete(written, files.data_bytes, "merged weights")
         self._sum_statistics()
         return files.files
 

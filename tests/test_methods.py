@@ -118,7 +118,39 @@ def test_ties_negative_majority_resolves_cancellations_through_the_engine(tmp_pa
     )
     result = run_recipe(recipe, output=tmp_path / "out")
     assert result.record["stats"]["ties_sign_total"] == -3
+    assert result.record["bytes_read"] == 2 * 3 * 4 * 4  # the sample (its only piece) guessed right: 1 pass
     assert load_file(tmp_path / "out" / "model.safetensors")["w"].tolist() == [-2.0, -2.0, -2.0, -1.0]
+
+
+@pytest.mark.parametrize("merge", ["mean", "sum"])
+def test_ties_output_pass_runs_again_after_a_wrong_majority_guess(tmp_path, merge):
+    """Plain TIES guesses the majority from every 16th piece: here only piece "a", which cancels exactly, so
+    the guess is 0 (keep negatives); the output pass counts +4 in "b", and "a" must be redone."""
+    base = {"a": torch.zeros(2), "b": torch.zeros(4)}
+    models = [
+        {"a": torch.tensor([2.0, -3.0]), "b": torch.tensor([1.0, 1.0, 1.0, 1.0])},
+        {"a": torch.tensor([-2.0, 3.0]), "b": torch.tensor([1.0, 1.0, 1.0, 1.0])},
+    ]
+    save_file(base, tmp_path / "base.safetensors")
+    for i, m in enumerate(models):
+        save_file(m, tmp_path / f"t{i}.safetensors")
+    recipe = parse_recipe(
+        {
+            "version": 1,
+            "base": str(tmp_path / "base.safetensors"),
+            "models": [str(tmp_path / "t0.safetensors"), str(tmp_path / "t1.safetensors")],
+            "method": "ties",
+            "parameters": {"density": 1.0, "merge": merge},
+        }
+    )
+    result = run_recipe(recipe, output=tmp_path / "out", block_entries=2)
+    merged = load_file(tmp_path / "out" / "model.safetensors")
+    assert result.record["stats"]["ties_sign_total"] == 4
+    assert merged["a"].tolist() == [2.0, 3.0]  # the positive entries: the majority is +1
+    assert merged["b"].tolist() == ([1.0] * 4 if merge == "mean" else [2.0] * 4)
+    one_pass = 3 * 6 * 4  # 3 checkpoints, 6 float32 entries
+    piece_a = 3 * 2 * 4
+    assert result.record["bytes_read"] == piece_a + 2 * one_pass  # sample, output, output again
 
 
 def test_tall_mask_is_strict_and_uses_weight_form():

@@ -106,6 +106,19 @@ class MergeSpec:
     def needs_majority_sign(self) -> bool:
         return self.vector == "ties"
 
+    @property
+    def majority_sign_pass(self) -> bool:
+        """Whether the TIES majority sign needs a pass of its own before the output pass.
+
+        It decides only entries whose trimmed values cancel exactly. A plain TIES merge with `mean` or `sum`
+        guesses it from a sample of the pieces and counts the true one during its output pass, which runs
+        again only if the guess was wrong. TALL/Consensus masks (built from τ_MTL) and
+        `max` (whose zeros carry the majority's sign) need it first.
+        """
+        if not self.needs_majority_sign:
+            return False
+        return self.masks is not None or self.ties is None or self.ties.merge not in ("mean", "sum")
+
 
 @dataclass(frozen=True)
 class MethodSpec:
