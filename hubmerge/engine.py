@@ -490,7 +490,7 @@ class Engine:
             tau_mtl = self._ties_vector(key, taus)
         masks: list[torch.Tensor] = []
         if spec.masks == "tall":
-            masks = tall_masks(base, thetas, tau_mtl, spec.lambdas)
+            masks = tall_masks(base, thetas, tau_mtl, spec.lambdas, taus)
         elif spec.masks == "magnitude":
             masks = [topk_mask(tau, thr) for tau, thr in zip(taus, self._thresholds_for(key), strict=True)]
         if masks:
@@ -498,7 +498,7 @@ class Engine:
             self._record_masks(masks, count, taus)
             if spec.consensus_k is not None:
                 keep = consensus_mask(count, spec.consensus_k)
-                self.stats.consensus_kept += int(keep.sum())
+                self.stats.consensus_kept += int(torch.count_nonzero(keep))
                 tau_mtl = tau_mtl * keep
         return tau_mtl, masks, taus
 
@@ -526,7 +526,9 @@ class Engine:
         hist, hist_active = (h.cpu() for h in agreement_histograms(count, active, len(masks)))
         self.stats.histogram += hist
         self.stats.histogram_active += hist_active
-        self.stats.kept = [total + int(m.sum()) for total, m in zip(self.stats.kept, masks, strict=True)]
+        self.stats.kept = [
+            total + int(torch.count_nonzero(m)) for total, m in zip(self.stats.kept, masks, strict=True)
+        ]
 
     def _sum_statistics(self) -> None:
         """Add up what every process counted in the output pass (a no-op for a single process)."""
