@@ -104,6 +104,14 @@ def test_ties_negative_majority_resolves_cancellations_through_the_engine(tmp_pa
     """Coordinate 3 cancels (+1 − 1); three coordinates vote −1, so it keeps the negative entry."""
     base = {"w": torch.zeros(4)}
     models = [{"w": torch.tensor([-1.0, -1.0, -1.0, 1.0])}, {"w": torch.tensor([-1.0, -1.0, -1.0, -1.0])}]
+    result, merged = run_ties(tmp_path, base, models, "sum")
+    assert result.record["stats"]["ties_sign_total"] == -3
+    assert result.record["bytes_read"] == 2 * 3 * 4 * 4  # the sample (its only piece) guessed right: 1 pass
+    assert merged["w"].tolist() == [-2.0, -2.0, -2.0, -1.0]
+
+
+def run_ties(tmp_path, base: dict, models: list[dict], merge: str, block_entries: int = 1 << 21):
+    """TIES with density 1 on single-file models through the engine: (run result, merged tensors)."""
     save_file(base, tmp_path / "base.safetensors")
     for i, m in enumerate(models):
         save_file(m, tmp_path / f"t{i}.safetensors")
@@ -111,40 +119,25 @@ def test_ties_negative_majority_resolves_cancellations_through_the_engine(tmp_pa
         {
             "version": 1,
             "base": str(tmp_path / "base.safetensors"),
-            "models": [str(tmp_path / "t0.safetensors"), str(tmp_path / "t1.safetensors")],
+            "models": [str(tmp_path / f"t{i}.safetensors") for i in range(len(models))],
             "method": "ties",
-            "parameters": {"density": 1.0, "merge": "sum"},
+            "parameters": {"density": 1.0, "merge": merge},
         }
     )
-    result = run_recipe(recipe, output=tmp_path / "out")
-    assert result.record["stats"]["ties_sign_total"] == -3
-    assert result.record["bytes_read"] == 2 * 3 * 4 * 4  # the sample (its only piece) guessed right: 1 pass
-    assert load_file(tmp_path / "out" / "model.safetensors")["w"].tolist() == [-2.0, -2.0, -2.0, -1.0]
+    result = run_recipe(recipe, output=tmp_path / "out", block_entries=block_entries)
+    return result, load_file(tmp_path / "out" / "model.safetensors")
 
 
 @pytest.mark.parametrize("merge", ["mean", "sum"])
 def test_ties_output_pass_runs_again_after_a_wrong_majority_guess(tmp_path, merge):
     """Plain TIES guesses the majority from every 16th piece: here only piece "a", which cancels exactly, so
-    the guess is 0 (keep negatives); the output pass counts +4 in "b", and "a" must be redone."""
+    the guess is 0 (keep negatives); the output pass counts +4 in "b", so it must run again."""
     base = {"a": torch.zeros(2), "b": torch.zeros(4)}
     models = [
         {"a": torch.tensor([2.0, -3.0]), "b": torch.tensor([1.0, 1.0, 1.0, 1.0])},
         {"a": torch.tensor([-2.0, 3.0]), "b": torch.tensor([1.0, 1.0, 1.0, 1.0])},
     ]
-    save_file(base, tmp_path / "base.safetensors")
-    for i, m in enumerate(models):
-        save_file(m, tmp_path / f"t{i}.safetensors")
-    recipe = parse_recipe(
-        {
-            "version": 1,
-            "base": str(tmp_path / "base.safetensors"),
-            "models": [str(tmp_path / "t0.safetensors"), str(tmp_path / "t1.safetensors")],
-            "method": "ties",
-            "parameters": {"density": 1.0, "merge": merge},
-        }
-    )
-    result = run_recipe(recipe, output=tmp_path / "out", block_entries=2)
-    merged = load_file(tmp_path / "out" / "model.safetensors")
+    result, merged = run_ties(tmp_path, base, models, merge, block_entries=2)
     assert result.record["stats"]["ties_sign_total"] == 4
     assert merged["a"].tolist() == [2.0, 3.0]  # the positive entries: the majority is +1
     assert merged["b"].tolist() == ([1.0] * 4 if merge == "mean" else [2.0] * 4)
