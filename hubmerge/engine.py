@@ -184,6 +184,10 @@ def first_entry(info: TensorInfo, rows: Rows) -> int:
     return 0 if rows is None else rows[0] * (info.numel // info.shape[0])
 
 
+def majority_of(sign_total: int) -> int:
+    return (sign_total > 0) - (sign_total < 0)
+
+
 def pass_names(spec: MergeSpec) -> list[str]:
     names = []
     if spec.global_topk_density is not None:
@@ -459,8 +463,9 @@ class Engine:
         return int(self.group.all_sum(torch.tensor([count], dtype=torch.int64)))
 
     def _set_majority(self, total: int) -> None:
+        """The majority sign from the sign total over every piece, recorded with the run."""
         self.stats.sign_total = total
-        self._majority = (total > 0) - (total < 0)
+        self._majority = majority_of(total)
 
     def collect_statistics(self) -> None:
         """Every pass before the output pass."""
@@ -471,8 +476,9 @@ class Engine:
         if self.spec.majority_sign_pass:
             self._set_majority(self._ties_sign_count("TIES majority sign"))
         elif self.spec.needs_majority_sign:
-            self._set_majority(self._ties_sign_count("TIES majority sign (sample)", MAJORITY_SAMPLE_STRIDE))
-            self.stats.sign_total = None
+            self._majority = majority_of(
+                self._ties_sign_count("TIES majority sign (sample)", MAJORITY_SAMPLE_STRIDE)
+            )
             self._counting_signs = True
 
     # -- the output pass ---------------------------------------------------------------------------------

@@ -19,6 +19,7 @@ from safetensors.torch import load_file, save_file
 from hubmerge import parse_recipe, run_recipe
 from hubmerge.engine import Engine, prepare
 from tests.golden import FIXTURE, TASKS
+from tests.processes import hubmerge_cli
 
 ROOT = Path(__file__).resolve().parent.parent
 CASES = {
@@ -128,16 +129,8 @@ def test_two_processes_write_the_bytes_of_one(case, models, two_process_outputs,
 def test_cli_num_processes_runs_through_torchrun(models, tmp_path):
     recipe = tmp_path / "ties.yaml"
     recipe.write_text(json.dumps(recipe_of(models, "ties_global")))  # JSON is YAML
-    hubmerge = Path(sys.executable).with_name("hubmerge")
 
-    done = subprocess.run(
-        [str(hubmerge), "run", str(recipe), "-o", str(tmp_path / "multi"), "--num-processes", "2", "-q"],
-        env={**os.environ, "OMP_NUM_THREADS": "1"},
-        capture_output=True,
-        text=True,
-        timeout=600,
-        check=False,
-    )
+    done = hubmerge_cli("run", str(recipe), "-o", str(tmp_path / "multi"), "--num-processes", "2", "-q")
 
     assert done.returncode == 0, done.stderr[-4000:]
     assert done.stdout.count("wrote ") == 1, "only rank 0 reports"
@@ -150,15 +143,8 @@ def test_cli_num_processes_runs_through_torchrun(models, tmp_path):
 def test_cli_num_processes_failure_is_reported_with_exit_code(models, tmp_path):
     recipe = tmp_path / "bad.yaml"
     recipe.write_text(json.dumps({**recipe_of(models, "ties_global"), "base": str(tmp_path / "missing")}))
-    hubmerge = Path(sys.executable).with_name("hubmerge")
 
-    done = subprocess.run(
-        [str(hubmerge), "run", str(recipe), "-o", str(tmp_path / "out"), "--num-processes", "2"],
-        capture_output=True,
-        text=True,
-        timeout=600,
-        check=False,
-    )
+    done = hubmerge_cli("run", str(recipe), "-o", str(tmp_path / "out"), "--num-processes", "2")
 
     assert done.returncode != 0
     assert "missing" in done.stdout + done.stderr

@@ -7,9 +7,6 @@ compared with an independent computation on models loaded with `from_pretrained`
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -34,6 +31,7 @@ from hubmerge.evaluation import mean, normalized
 from hubmerge.recipe import parse_recipe
 from hubmerge.search import run_search
 from tests import golden
+from tests.processes import hubmerge_cli
 from tests.tiny_models import bert_config, clip_config, perturb_, wordpiece_tokenizer
 
 runner = CliRunner()
@@ -442,14 +440,7 @@ def test_search_with_two_processes_chooses_and_writes_what_one_process_does(
     recipe = tmp_path / "recipe.yaml"
     recipe.write_text(yaml.safe_dump(data))
 
-    done = subprocess.run(
-        [str(Path(sys.executable).with_name("hubmerge")), "run", str(recipe), "-q", "--num-processes", "2"],
-        env={**os.environ, "OMP_NUM_THREADS": "1"},
-        capture_output=True,
-        text=True,
-        timeout=600,
-        check=False,
-    )
+    done = hubmerge_cli("run", str(recipe), "-q", "--num-processes", "2")
 
     assert done.returncode == 0, done.stderr[-4000:]
     one, two = (
