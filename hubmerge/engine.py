@@ -1,8 +1,9 @@
 """The streaming engine: passes over the T+1 checkpoints, one piece of one tensor at a time.
 
-Memory holds the T+1 input pieces of one tensor, a few float32 work pieces and small global summaries (two
+Memory holds the T+1 input pieces of one tensor as stored, a few float32 pieces and small global summaries (two
 radix histograms per task, a sign count, the agreement histogram), never a flattened model. Large tensors are
-cut into row blocks so the bound does not even depend on the largest tensor. Every entry of every floating-point
+cut into row blocks so the bound does not even depend on the largest tensor. On the CPU the arithmetic runs
+over cache-sized spans of a piece, each upcast to float32 only there. Every entry of every floating-point
 tensor of the base counts in d (sorted key order, as the reference flattens); non-float tensors are copied.
 
 A reader thread fetches the next piece of all T+1 checkpoints while the current one is computed (into pinned
@@ -39,7 +40,7 @@ from hubmerge.hub import HubSource
 from hubmerge.lock import Lock
 from hubmerge.methods import METHODS, MergeSpec
 from hubmerge.methods.tall import agreement_histograms, consensus_mask, mask_count, tall_masks
-from hubmerge.methods.task_arithmetic import apply_vector, sum_in_task_order, task_vectors
+from hubmerge.methods.task_arithmetic import apply_vector, sum_in_task_order, task_vector, task_vectors
 from hubmerge.methods.ties import (
     disjoint_merge,
     elect_sign,
@@ -50,9 +51,11 @@ from hubmerge.methods.ties import (
 from hubmerge.methods.topk import (
     HIGH_BUCKETS,
     LOW_BUCKETS,
+    high_codes_,
     high_histogram,
     kth_rank,
     locate,
+    low_codes_,
     low_histogram,
     magnitude_bits,
     tensor_threshold,
@@ -68,6 +71,10 @@ from hubmerge.writer import ShardedFiles, Slot
 DEFAULT_BLOCK_ENTRIES = 1 << 21
 # A plain TIES merge guesses the majority sign from every 16th piece, then checks it in the output pass.
 MAJORITY_SAMPLE_STRIDE = 16
+# On the CPU the arithmetic of a piece runs over spans of this many entries, so the float32 temporaries of a
+# span (a few per task) stay in the caches; whole 2^21-entry pieces went through memory and fresh pages at
+# 3-8x the time per piece (docs/benchmarks.md). A GPU computes whole pieces.
+CPU_SPAN_ENTRIES = 1 << 18
 # Pieces computed but not yet written: the writer thread may lag this far behind before compute waits.
 WRITES_IN_FLIGHT = 2
 Rows = tuple[int, int] | None
@@ -239,10 +246,23 @@ def plan_summary(job: MergeJob, block_entries: int = DEFAULT_BLOCK_ENTRIES) -> d
         "passes": passes,
         "bytes_to_read": int(float_bytes * full_passes) + copy_bytes,
         "output_bytes": output_bytes,
-        # float32 pieces alive at once: T+1 inputs, T task vectors, a few work buffers; TIES adds T trimmed
-        # and T sign-selected vectors
-        "peak_memory_estimate": piece * 4 * ((5 if job.spec.vector == "ties" else 3) * t + 6),
+        "peak_memory_estimate": peak_memory_estimate(job, piece),
     }
+
+
+def peak_memory_estimate(job: MergeJob, piece: int) -> int:
+    """Bytes of tensors alive at once when pieces hold up to `piece` entries (computed on the CPU)."""
+    t = len(job.models)
+    stored = max((job.base.infos[k].dtype.itemsize for k in job.merge_keys), default=4)
+    span = min(piece, CPU_SPAN_ENTRIES)
+    # T+1 input pieces as stored, twice (in use and read ahead); three float32 pieces (θ0 and the two code
+    # buffers of a threshold pass, or an output piece); a compressed piece's T masks (and T float32 value
+    # pieces for magnitude pruning); per span: T+1 inputs, T task vectors and a few work buffers, TIES adding
+    # T trimmed and T sign-selected vectors
+    per_entry = 2 * (t + 1) * stored + 3 * 4
+    if job.spec.result == "compressed":
+        per_entry += t * (1 + 4 * job.spec.own_values)
+    return piece * per_entry + span * 4 * ((5 if job.spec.vector == "ties" else 3) * t + 6)
 
 
 @dataclass
@@ -280,6 +300,7 @@ class Engine:
         show_progress: bool = False,
         group: Group = SINGLE,
         prefetch: bool = True,
+        span_entries: int | None = None,
     ):
         self.job = job
         self.spec = job.spec
@@ -288,6 +309,7 @@ class Engine:
         self.show_progress = show_progress and group.is_main
         self.group = group
         self.prefetch = prefetch
+        self.span_entries = span_entries or (CPU_SPAN_ENTRIES if device.type == "cpu" else None)
         t = len(job.models)
         self.stats = RunStats(num_tasks=t)
         if self.spec.masks is not None:
@@ -340,14 +362,33 @@ class Engine:
         return [ckpt.read(key, rows, pin_memory=pin) for ckpt in (self.job.base, *self.job.models)]
 
     def _on_device(self, pieces: list[torch.Tensor]) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """Flat pieces on the device, as stored: the methods upcast span by span."""
         self.bytes_read += sum(p.numel() * p.element_size() for p in pieces)
-        base, *thetas = (p.to(self.device, non_blocking=True).float() for p in pieces)
+        base, *thetas = (p.to(self.device, non_blocking=True).reshape(-1) for p in pieces)
         return base, thetas
+
+    def _spans(
+        self, base: torch.Tensor, thetas: list[torch.Tensor]
+    ) -> Iterator[tuple[slice, torch.Tensor, list[torch.Tensor]]]:
+        """(span, θ0 span, θ_t spans) of one flat piece, spans of `span_entries` (the whole piece on a GPU)."""
+        n = base.numel()
+        step = self.span_entries or n
+        for start in range(0, n, step):
+            span = slice(start, min(start + step, n))
+            yield span, base[span], [theta[span] for theta in thetas]
+
+    def _span_inputs(
+        self, description: str, stride: int = 1
+    ) -> Iterator[tuple[str, torch.Tensor, list[torch.Tensor]]]:
+        """(key, θ0 span, θ_t spans) of every piece of a statistics pass."""
+        for key, _, base, thetas in self._inputs(description, stride=stride):
+            for _, base_span, theta_spans in self._spans(base, thetas):
+                yield key, base_span, theta_spans
 
     def _inputs(
         self, description: str, whole: bool = False, stride: int = 1
     ) -> Iterator[tuple[str, Rows, torch.Tensor, list[torch.Tensor]]]:
-        """(key, rows, θ0 piece, θ_t pieces) in float32 on the device, the next piece read in the background."""
+        """(key, rows, flat θ0 piece, flat θ_t pieces) on the device, the next piece read in the background."""
         pieces = self._pieces(description, self.job.merge_keys, whole, stride)
         if not self.prefetch:
             for key, rows in pieces:
@@ -388,22 +429,28 @@ class Engine:
     # -- global statistics ------------------------------------------------------------------------------
 
     def _radix_thresholds(
-        self, rank: int, task_vector_pieces: Callable[[str], Iterator[list[torch.Tensor]]], shared: bool
+        self,
+        rank: int,
+        pieces: Callable[[str], Iterator[tuple[torch.Tensor, list[torch.Tensor]]]],
+        shared: bool,
     ) -> list[float | None]:
-        """Each task's `rank`-th smallest |τ| over the pieces that `task_vector_pieces(description)` yields
+        """Each task's `rank`-th smallest |τ| over the (θ0, θ_t) pieces that `pieces(description)` yields
         (called twice: high bits, then low bits); `shared`: over the pieces of every process."""
-        t = len(self.job.models)
-        high = torch.zeros(t, HIGH_BUCKETS, dtype=torch.int64, device=self.device)
-        for taus in task_vector_pieces("top-k thresholds (high bits)"):
-            for i, tau in enumerate(taus):
-                high[i] += high_histogram(magnitude_bits(tau))
+        high = self._magnitude_histograms(
+            pieces("top-k thresholds (high bits)"),
+            lambda _, bits: high_codes_(bits),
+            high_histogram,
+            HIGH_BUCKETS,
+        )
         if shared:
             high = self.group.all_sum(high)
         buckets = [locate(h, rank) for h in high]
-        low = torch.zeros(t, LOW_BUCKETS, dtype=torch.int64, device=self.device)
-        for taus in task_vector_pieces("top-k thresholds (low bits)"):
-            for i, tau in enumerate(taus):
-                low[i] += low_histogram(magnitude_bits(tau), buckets[i][0])
+        low = self._magnitude_histograms(
+            pieces("top-k thresholds (low bits)"),
+            lambda i, bits: low_codes_(bits, buckets[i][0]),
+            low_histogram,
+            LOW_BUCKETS,
+        )
         if shared:
             low = self.group.all_sum(low)
         return [
@@ -411,14 +458,54 @@ class Engine:
             for (bucket, rank_in_bucket), lo in zip(buckets, low, strict=True)
         ]
 
+    def _magnitude_histograms(
+        self,
+        pieces: Iterator[tuple[torch.Tensor, list[torch.Tensor]]],
+        encode: Callable[[int, torch.Tensor], torch.Tensor],
+        histogram: Callable[[torch.Tensor], torch.Tensor],
+        bins: int,
+    ) -> torch.Tensor:
+        """Per task, the sum over `pieces` of `histogram` (of `bins` bins) of the codes that `encode(task, bits)` makes of the
+        |τ_t| bit patterns (a [T, bins] int64 tensor).
+
+        Codes are formed span by span (in the caches) into one of two reused piece buffers, while a counting
+        thread runs the bincount of the other: bincount uses one core, the span arithmetic all of them.
+        """
+        counts = torch.zeros(len(self.job.models), bins, dtype=torch.int64, device=self.device)
+        buffers = [torch.empty(0, dtype=torch.int32, device=self.device) for _ in range(2)]
+        counting: list[Future[None] | None] = [None, None]
+
+        def count(task: int, codes: torch.Tensor) -> None:
+            counts[task] += histogram(codes)
+
+        with ThreadPoolExecutor(1, thread_name_prefix="hubmerge-count") as counter:
+            slot = 0
+            for base, thetas in pieces:
+                n, base32 = base.numel(), base.float()
+                for i, theta in enumerate(thetas):
+                    if counting[slot] is not None:
+                        counting[slot].result()
+                    if buffers[slot].numel() < n:
+                        buffers[slot] = torch.empty(n, dtype=torch.int32, device=self.device)
+                    codes = buffers[slot][:n]
+                    for span, base_span, (theta_span,) in self._spans(base32, [theta]):
+                        tau = task_vector(base_span, theta_span, out=codes[span].view(torch.float32))
+                        encode(i, magnitude_bits(tau, out=tau))
+                    counting[slot] = counter.submit(count, i, codes)
+                    slot ^= 1
+            for pending in counting:
+                if pending is not None:
+                    pending.result()
+        return counts
+
     def _global_thresholds(self, density: float) -> list[float | None]:
         rank = kth_rank(self.job.d, density)
         if rank == 0:
             return [None] * len(self.job.models)
 
-        def pieces(description: str) -> Iterator[list[torch.Tensor]]:
+        def pieces(description: str) -> Iterator[tuple[torch.Tensor, list[torch.Tensor]]]:
             for _, _, base, thetas in self._inputs(description):
-                yield task_vectors(base, thetas)
+                yield base, thetas
 
         return self._radix_thresholds(rank, pieces, shared=True)
 
@@ -440,9 +527,9 @@ class Engine:
 
                 def pieces(
                     _: str, key: str = key, blocks: list[Rows] = blocks
-                ) -> Iterator[list[torch.Tensor]]:
+                ) -> Iterator[tuple[torch.Tensor, list[torch.Tensor]]]:
                     for rows in blocks:
-                        yield task_vectors(*self._on_device(self._read(key, rows)))
+                        yield self._on_device(self._read(key, rows))
 
                 mine[key] = self._radix_thresholds(rank, pieces, shared=False)
         for share in self.group.gather(mine):
@@ -458,7 +545,7 @@ class Engine:
     def _ties_sign_count(self, description: str, stride: int = 1) -> int:
         """Σ of the elected signs over the pieces of every process (every stride-th piece of each share)."""
         count = 0
-        for key, _, base, thetas in self._inputs(description, stride=stride):
+        for key, base, thetas in self._span_inputs(description, stride):
             count += sign_count(elect_sign(trim(task_vectors(base, thetas), self._thresholds_for(key))))
         return int(self.group.all_sum(torch.tensor([count], dtype=torch.int64)))
 
@@ -486,7 +573,8 @@ class Engine:
     def compute(
         self, key: str, base: torch.Tensor, thetas: list[torch.Tensor]
     ) -> tuple[torch.Tensor | None, list[torch.Tensor], list[torch.Tensor]]:
-        """(τ_MTL piece — consensus-filtered for consensus, task masks, task vectors) of one piece."""
+        """(τ_MTL — consensus-filtered for consensus, task masks, task vectors) of one span, statistics
+        recorded."""
         spec = self.spec
         taus = task_vectors(base, thetas)
         tau_mtl = None
@@ -557,8 +645,10 @@ class Engine:
         def output_pass(description: str) -> None:
             with self._writer() as submit:
                 for key, rows, base, thetas in self._inputs(description):
-                    tau_mtl, _, _ = self.compute(key, base, thetas)
-                    merged = apply_vector(base, tau_mtl, self.spec.scaling).to(job.out_dtype(key))
+                    merged = torch.empty(base.shape, dtype=job.out_dtype(key), device=self.device)
+                    for span, base_span, theta_spans in self._spans(base, thetas):
+                        tau_mtl, _, _ = self.compute(key, base_span, theta_spans)
+                        merged[span] = apply_vector(base_span, tau_mtl, self.spec.scaling)
                     submit(files.write, key, merged, first_entry(job.base.infos[key], rows))
 
         try:
@@ -591,14 +681,35 @@ class Engine:
         try:
             with self._writer() as submit:
                 for key, rows, base, thetas in self._inputs("compress and write"):
-                    tau_mtl, masks, taus = self.compute(key, base, thetas)
-                    submit(writer.write, key, first_entry(job.base.infos[key], rows), tau_mtl, masks, taus)
+                    start = first_entry(job.base.infos[key], rows)
+                    submit(writer.write, key, start, *self._compressed_piece(key, base, thetas))
         finally:
             writer.close()
         self._check_complete(writer.written, writer.data_bytes, "compressed artifact")
         writer.assemble_values(self.group)
         self._sum_statistics()
         return writer
+
+    def _compressed_piece(
+        self, key: str, base: torch.Tensor, thetas: list[torch.Tensor]
+    ) -> tuple[torch.Tensor | None, list[torch.Tensor], list[torch.Tensor]]:
+        """(τ_MTL, task masks, task vectors) of a whole piece, assembled from its spans; the task vectors
+        only where each task keeps its own values."""
+        n, t = base.numel(), len(thetas)
+        tau_mtl = None
+        if self.spec.vector != "none":
+            tau_mtl = torch.empty(n, dtype=torch.float32, device=self.device)
+        masks = torch.empty(t, n, dtype=torch.bool, device=self.device)
+        taus = torch.empty(t if self.spec.own_values else 0, n, dtype=torch.float32, device=self.device)
+        for span, base_span, theta_spans in self._spans(base, thetas):
+            span_vector, span_masks, span_taus = self.compute(key, base_span, theta_spans)
+            if tau_mtl is not None:
+                tau_mtl[span] = span_vector
+            for mask, span_mask in zip(masks, span_masks, strict=True):
+                mask[span] = span_mask
+            for tau, span_tau in zip(taus, span_taus, strict=False):
+                tau[span] = span_tau
+        return tau_mtl, list(masks), list(taus)
 
     def storage(self) -> dict[str, Any]:
         job = self.job

@@ -154,6 +154,7 @@ def run_recipe(
     device: str | torch.device = "auto",
     max_shard_size: int | str = "5GB",
     block_entries: int = DEFAULT_BLOCK_ENTRIES,
+    span_entries: int | None = None,
     show_progress: bool = False,
     token: str | None = None,
     endpoint: str | None = None,
@@ -188,7 +189,12 @@ def run_recipe(
                 )
             job = with_parameters(job, group.broadcast(search.parameters if search else None))
         engine = Engine(
-            job, torch_device, block_entries=block_entries, show_progress=show_progress, group=group
+            job,
+            torch_device,
+            block_entries=block_entries,
+            span_entries=span_entries,
+            show_progress=show_progress,
+            group=group,
         )
         started = time.perf_counter()
         with shared_staging(target, overwrite, group) as staging:

@@ -15,12 +15,14 @@ from hubmerge.artifacts import pack_bits, unpack_bits
 from hubmerge.engine import row_blocks
 from hubmerge.methods import METHODS
 from hubmerge.methods.tall import agreement_histograms, consensus_mask, mask_count, tall_masks
-from hubmerge.methods.task_arithmetic import sum_in_task_order
+from hubmerge.methods.task_arithmetic import apply_vector, sum_in_task_order, task_vectors
 from hubmerge.methods.ties import disjoint_merge, elect_sign, resolve_zero_signs, trim
 from hubmerge.methods.topk import (
+    high_codes_,
     high_histogram,
     kth_rank,
     locate,
+    low_codes_,
     low_histogram,
     magnitude_bits,
     tensor_threshold,
@@ -35,9 +37,9 @@ def radix_threshold(pieces: list[torch.Tensor], density: float) -> float | None:
     rank = kth_rank(d, density)
     if rank == 0:
         return None
-    high = sum(high_histogram(magnitude_bits(p)) for p in pieces)
+    high = sum(high_histogram(high_codes_(magnitude_bits(p))) for p in pieces)
     bucket, within = locate(high, rank)
-    low = sum(low_histogram(magnitude_bits(p), bucket) for p in pieces)
+    low = sum(low_histogram(low_codes_(magnitude_bits(p), bucket)) for p in pieces)
     return threshold_value(bucket, locate(low, within)[0])
 
 
@@ -225,3 +227,19 @@ def test_defaults_are_the_reference_settings():
     assert resolved("consensus") == {"merge": "task_arithmetic", "lambda": 0.4, "k": 2, "scaling": 1.0}
     assert resolved("magnitude_masking") == {"density": 0.1}
     assert METHODS["weight_average"].spec({}, ["a", "b", "c"]).scaling == 1.0 / 3
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32, torch.float64])
+def test_task_vector_and_apply_vector_equal_the_upcast_first_arithmetic_bit_for_bit(dtype):
+    gen = torch.Generator().manual_seed(3)
+    base = (torch.randn(4096, generator=gen) * 3).to(dtype)
+    theta = (base.double() + torch.randn(4096, generator=gen) * 1e-2).to(dtype)
+    base[:3] = torch.tensor([0.0, -0.0, 1e-30]).to(dtype)
+    theta[:3] = torch.tensor([-0.0, -0.0, -1e-30]).to(dtype)
+    tau = task_vectors(base, [theta])[0]
+    want = theta.float() - base.float()
+    assert tau.dtype == torch.float32
+    assert torch.equal(tau.view(torch.int32), want.view(torch.int32))
+    for scaling in (1.0, 0.3):
+        got = apply_vector(base, tau, scaling)
+        assert torch.equal(got.view(torch.int32), (base.float() + tau * scaling).view(torch.int32))

@@ -77,6 +77,8 @@ def problems(draw) -> dict:
         "seed": draw(st.integers(0, 2**16)),
         "shards": draw(st.integers(1, 3)),
         "block_entries": draw(st.sampled_from([1, 5, 16, 1 << 22])),
+        # None: the CPU default (one span per piece here); small spans cut pieces at any entry
+        "span_entries": draw(st.sampled_from([None, 1, 3, 8])),
         "method": method,
         "params": params,
     }
@@ -152,7 +154,12 @@ def test_streaming_equals_whole_model(problem):
                 "parameters": params,
             }
         )
-        result = run_recipe(recipe, output=root / "out", block_entries=problem["block_entries"])
+        result = run_recipe(
+            recipe,
+            output=root / "out",
+            block_entries=problem["block_entries"],
+            span_entries=problem["span_entries"],
+        )
         ref = reference_outputs(base, models, problem["method"], params)
         keys = ref["keys"]
 

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import torch
 
+from hubmerge.methods.task_arithmetic import exact_float32_operand, task_vectors
+
 
 def tall_masks(
     base: torch.Tensor,
@@ -28,13 +30,12 @@ def tall_masks(
     Returns:
         The bool mask of each task.
     """
-    base32 = base.float()
-    multi = base32 + tau_mtl
+    multi = tau_mtl + exact_float32_operand(base)  # float32 addition commutes bit for bit
     if taus is None:
-        taus = [theta.float() - base32 for theta in finetuned]
+        taus = task_vectors(base, finetuned)
     masks = []
     for theta, tau, lam in zip(finetuned, taus, lambdas, strict=True):
-        masks.append(tau.abs() > torch.sub(multi, theta.float()).abs_().mul_(lam))
+        masks.append(tau.abs() > torch.sub(multi, exact_float32_operand(theta)).abs_().mul_(lam))
     return masks
 
 

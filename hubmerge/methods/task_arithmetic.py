@@ -16,7 +16,32 @@ def task_vectors(base: torch.Tensor, finetuned: list[torch.Tensor]) -> list[torc
         One float32 task vector per task.
     """
     base32 = base.float()
-    return [theta.float() - base32 for theta in finetuned]
+    return [task_vector(base32, theta) for theta in finetuned]
+
+
+def task_vector(
+    base32: torch.Tensor, finetuned: torch.Tensor, out: torch.Tensor | None = None
+) -> torch.Tensor:
+    """τ = θ_t − θ0 of one task, from θ0 already in float32.
+
+    Args:
+        base32: θ0 as float32.
+        finetuned: θ_t (any float dtype), same shape.
+        out: float32 memory to write τ into.
+
+    Returns:
+        τ in float32.
+    """
+    return torch.sub(exact_float32_operand(finetuned), base32, out=out)
+
+
+def exact_float32_operand(x: torch.Tensor) -> torch.Tensor:
+    """`x` as an operand of float32 arithmetic that upcasts it exactly.
+
+    Half-precision tensors are promoted to float32 inside the operation (exactly, as `x.float()` would),
+    which saves a float32 copy; wider ones are rounded to float32 first, as the reference's `.float()` does.
+    """
+    return x if x.dtype in (torch.float32, torch.bfloat16, torch.float16) else x.float()
 
 
 def sum_in_task_order(tensors: list[torch.Tensor]) -> torch.Tensor:
@@ -30,7 +55,7 @@ def sum_in_task_order(tensors: list[torch.Tensor]) -> torch.Tensor:
     """
     total = tensors[0].float().clone()
     for tensor in tensors[1:]:
-        total = total + tensor
+        total.add_(tensor)
     return total
 
 
@@ -45,4 +70,5 @@ def apply_vector(base: torch.Tensor, vector: torch.Tensor, scaling: float) -> to
     Returns:
         The merged weights in float32.
     """
-    return base.float() + vector * scaling
+    # float32 addition commutes bit for bit, so θ0 can be promoted inside it
+    return torch.mul(vector, scaling).add_(exact_float32_operand(base))

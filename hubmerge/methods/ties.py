@@ -7,7 +7,6 @@ from typing import Literal
 import torch
 
 from hubmerge.methods.task_arithmetic import sum_in_task_order
-from hubmerge.methods.topk import topk_mask
 
 TiesMerge = Literal["mean", "sum", "max"]
 
@@ -22,12 +21,15 @@ def trim(taus: list[torch.Tensor], thresholds: list[float | None]) -> list[torch
     Returns:
         The trimmed task vectors (τ_t ⊙ mask, a product as in the reference, so −0.0 can appear).
     """
-    return [tau * topk_mask(tau, thr) for tau, thr in zip(taus, thresholds, strict=True)]
+    return [
+        tau.clone() if thr is None else tau.abs().ge_(thr).mul_(tau)
+        for tau, thr in zip(taus, thresholds, strict=True)
+    ]
 
 
 def elect_sign(trimmed: list[torch.Tensor]) -> torch.Tensor:
     """s = sign of the float32 sum of the trimmed vectors (not a vote count); 0 where they cancel."""
-    return torch.sign(sum_in_task_order(trimmed))
+    return sum_in_task_order(trimmed).sign_()
 
 
 def sign_count(sign: torch.Tensor) -> int:
@@ -45,7 +47,7 @@ def resolve_zero_signs(sign: torch.Tensor, majority: int) -> torch.Tensor:
     Returns:
         The signs used for the disjoint merge.
     """
-    return torch.where(sign == 0, torch.full_like(sign, float(majority)), sign)
+    return sign.masked_fill(sign == 0, float(majority))
 
 
 def disjoint_merge(trimmed: list[torch.Tensor], sign: torch.Tensor, merge: TiesMerge) -> torch.Tensor:
@@ -62,17 +64,24 @@ def disjoint_merge(trimmed: list[torch.Tensor], sign: torch.Tensor, merge: TiesM
     Returns:
         The merged task vector τ_MTL of this piece, float32.
     """
-    # keep τ > 0 where the sign is > 0 and τ < 0 elsewhere (sign 0 included): τ·direction > 0 does both
+    # keep τ > 0 where the sign is > 0 and τ < 0 elsewhere (sign 0 included): τ·direction > 0 does both;
+    # the products by a 0/1 mask give τ's signed zeros, as the reference's τ * bool does
     direction = torch.where(sign > 0, 1.0, -1.0)
-    selected = [tau * (tau * direction > 0) for tau in trimmed]
+    total = kept = largest = None
+    for tau in trimmed:
+        selected = torch.mul(tau, direction).gt_(0).mul_(tau)
+        if merge == "max":
+            largest = (
+                selected.abs_() if largest is None else torch.maximum(largest, selected.abs_(), out=largest)
+            )
+            continue
+        if merge == "mean":
+            kept = (selected != 0).float() if kept is None else kept.add_(selected != 0)
+        total = selected if total is None else total.add_(selected)
     if merge == "sum":
-        return sum_in_task_order(selected)
+        return total
     if merge == "mean":
-        kept = sum_in_task_order([(s != 0).float() for s in selected])
-        return sum_in_task_order(selected) / torch.clamp(kept, min=1)
+        return total.div_(kept.clamp_(min=1))
     if merge == "max":
-        largest = selected[0].abs()
-        for s in selected[1:]:
-            largest = torch.maximum(largest, s.abs())
-        return largest * sign
+        return largest.mul_(sign)
     raise ValueError(f"unknown TIES merge {merge!r}")

@@ -28,20 +28,40 @@ def kth_rank(count: int, density: float) -> int:
     return count - int(count * density)
 
 
-def magnitude_bits(x: torch.Tensor) -> torch.Tensor:
-    """int32 bit patterns of |x| (float32), which sort like the magnitudes."""
-    return x.float().abs().reshape(-1).view(torch.int32)
+def magnitude_bits(x: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+    """int32 bit patterns of |x| (float32), which sort like the magnitudes.
+
+    Args:
+        x: float32 values, or any float tensor when `out` is None.
+        out: int32 or float32 memory of x's size to write into (x itself for in-place work).
+
+    Returns:
+        The bit patterns, flat.
+    """
+    if out is None:
+        return x.float().abs().reshape(-1).view(torch.int32)
+    return torch.abs(x.reshape(-1), out=out.view(torch.float32)).view(torch.int32)
 
 
-def high_histogram(bits: torch.Tensor) -> torch.Tensor:
-    """Counts of the top 16 bits of `bits` (int64, HIGH_BUCKETS bins)."""
-    return torch.bincount(bits >> 16, minlength=HIGH_BUCKETS)
+def high_codes_(bits: torch.Tensor) -> torch.Tensor:
+    """In place: each entry's top 16 bits, its bin in the high histogram."""
+    return bits.bitwise_right_shift_(16)
 
 
-def low_histogram(bits: torch.Tensor, bucket: int) -> torch.Tensor:
-    """Counts of the low 16 bits of the entries whose top 16 bits equal `bucket` (int64, LOW_BUCKETS bins)."""
-    selected = bits[(bits >> 16) == bucket]
-    return torch.bincount(selected & 0xFFFF, minlength=LOW_BUCKETS)
+def low_codes_(bits: torch.Tensor, bucket: int) -> torch.Tensor:
+    """In place: each entry's bin in the low histogram of `bucket`: 1 + its low 16 bits inside the bucket,
+    0 below it, LOW_BUCKETS + 1 above it, so one bincount counts the bucket without selecting its entries."""
+    return bits.sub_(bucket << 16).clamp_(-1, LOW_BUCKETS).add_(1)
+
+
+def high_histogram(codes: torch.Tensor) -> torch.Tensor:
+    """Counts of the high codes (int64, HIGH_BUCKETS bins)."""
+    return torch.bincount(codes, minlength=HIGH_BUCKETS)
+
+
+def low_histogram(codes: torch.Tensor) -> torch.Tensor:
+    """Counts of the low 16 bits of the bucket's entries, from their low codes (int64, LOW_BUCKETS bins)."""
+    return torch.bincount(codes, minlength=LOW_BUCKETS + 2)[1:-1]
 
 
 def locate(histogram: torch.Tensor, rank: int) -> tuple[int, int]:
