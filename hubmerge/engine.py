@@ -72,8 +72,9 @@ DEFAULT_BLOCK_ENTRIES = 1 << 21
 # A plain TIES merge guesses the majority sign from every 16th piece, then checks it in the output pass.
 MAJORITY_SAMPLE_STRIDE = 16
 # On the CPU the arithmetic of a piece runs over spans of this many entries, so the float32 temporaries of a
-# span (a few per task) stay in the caches; whole 2^21-entry pieces went through memory and fresh pages at
-# 3-8x the time per piece (docs/benchmarks.md). A GPU computes whole pieces.
+# span (a few per task) stay in the caches; with whole 2^21-entry pieces, Task Arithmetic took 1.7x and TALL
+# masks 1.2-1.5x the engine time (2^17-2^19 were within noise of each other; docs/benchmarks.md). A GPU
+# computes whole pieces.
 CPU_SPAN_ENTRIES = 1 << 18
 # Pieces computed but not yet written: the writer thread may lag this far behind before compute waits.
 WRITES_IN_FLIGHT = 2
@@ -465,11 +466,12 @@ class Engine:
         histogram: Callable[[torch.Tensor], torch.Tensor],
         bins: int,
     ) -> torch.Tensor:
-        """Per task, the sum over `pieces` of `histogram` (of `bins` bins) of the codes that `encode(task, bits)` makes of the
-        |τ_t| bit patterns (a [T, bins] int64 tensor).
+        """Per task, the sum over `pieces` of `histogram` (`bins` bins) of the codes that `encode(task, bits)`
+        makes of the |τ_t| bit patterns: a [T, bins] int64 tensor.
 
         Codes are formed span by span (in the caches) into one of two reused piece buffers, while a counting
-        thread runs the bincount of the other: bincount uses one core, the span arithmetic all of them.
+        thread runs the bincount of the other: bincount uses one core, the span arithmetic all of them. (One
+        bincount per span into span-sized buffers was slower: docs/benchmarks.md.)
         """
         counts = torch.zeros(len(self.job.models), bins, dtype=torch.int64, device=self.device)
         buffers = [torch.empty(0, dtype=torch.int32, device=self.device) for _ in range(2)]
