@@ -401,7 +401,9 @@ class CompressedMerge(
                 Slot(k, output_dtype(dtype, i.dtype) if i.is_float else i.dtype, i.shape)
                 for k, i in sorted(infos.items())
             ]
-            files = ShardedFiles(staging, slots, max_shard_size, stem=self.base.weights_stem)
+            files = ShardedFiles(
+                staging, slots, self.base.output_shard_size(max_shard_size), stem=self.base.weights_stem
+            )
             files.create()
             try:
                 for key, tensor in self.iter_materialized(task, dtype):

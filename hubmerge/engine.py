@@ -639,7 +639,9 @@ class Engine:
     def write_merged(self, directory: Path, max_shard_size: int | str) -> list[str]:
         job = self.job
         slots = [Slot(k, job.out_dtype(k), job.base.infos[k].shape) for k in sorted(job.base.infos)]
-        files = ShardedFiles(directory, slots, max_shard_size, stem=job.base.weights_stem)
+        files = ShardedFiles(
+            directory, slots, job.base.output_shard_size(max_shard_size), stem=job.base.weights_stem
+        )
         if self.group.is_main:
             files.create()
         self.group.barrier()

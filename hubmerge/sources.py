@@ -106,6 +106,10 @@ class Checkpoint:
         """The weight file name outputs of this base use: what its own library looks for when loading."""
         return "open_clip_model" if self.is_open_clip else "model"
 
+    def output_shard_size(self, requested: int | str) -> int | str | None:
+        """The shard limit for outputs of this base: None (one file) for open_clip, which loads no shards."""
+        return None if self.is_open_clip else requested
+
     @property
     def weight_bytes(self) -> int:
         return sum(f.stat().st_size for f in self.weight_files)

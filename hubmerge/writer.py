@@ -125,17 +125,19 @@ class ShardedFiles:
     """Tensors in `<stem>.safetensors`, or in shards + index above `max_shard_size`, written by position.
 
     Shard assignment is huggingface_hub's (the same as `save_torch_state_dict`); a tensor larger than the limit
-    gets a shard of its own.
+    gets a shard of its own. `max_shard_size=None` writes one file whatever its size.
     """
 
     def __init__(
         self,
         directory: Path,
         slots: list[Slot],
-        max_shard_size: int | str,
+        max_shard_size: int | str | None,
         stem: str = "model",
         metadata: dict[str, str] | None = None,
     ):
+        if max_shard_size is None:
+            max_shard_size = sum(slot.nbytes for slot in slots) + 1
         split = split_state_dict_into_shards_factory(
             {slot.key: slot for slot in slots},
             get_storage_size=lambda slot: slot.nbytes,

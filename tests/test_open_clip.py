@@ -215,3 +215,51 @@ def test_open_clip_weight_files_are_found_safetensors_first(tmp_path: Path) -> N
         assert checkpoint.is_open_clip == (name == "both")
         assert torch.equal(checkpoint.read("visual.proj"), state["visual.proj"])
     assert checkpoint.weight_files == [tmp_path / "bin" / "open_clip_pytorch_model.bin"]
+
+
+def test_open_clip_outputs_are_one_weights_file_whatever_the_shard_limit(tmp_path: Path) -> None:
+    """open_clip's loaders read one `open_clip_model.safetensors`, never shards: outputs of an open_clip base
+    ignore `--max-shard-size` (no extra needed: nothing is evaluated)."""
+    gen = torch.Generator().manual_seed(0)
+    base = {f"visual.block{i}.weight": torch.randn(16, 16, generator=gen) for i in range(4)}
+    tasks = {
+        name: {k: v + torch.randn(v.shape, generator=gen) * 0.1 for k, v in base.items()} for name in "ab"
+    }
+    write_open_clip(tmp_path / "base", base)
+    for name, state in tasks.items():
+        write_open_clip(tmp_path / name, state)
+    for method in ("task_arithmetic", "tall_masks"):
+        data = {
+            "version": 1,
+            "base": str(tmp_path / "base"),
+            "models": [str(tmp_path / name) for name in tasks],
+            "method": method,
+        }
+        path = tmp_path / f"{method}.yaml"
+        path.write_text(yaml.safe_dump(data))
+        out = tmp_path / f"out-{method}"
+        result = runner.invoke(app, ["run", str(path), "--output", str(out), "--max-shard-size", "2KB", "-q"])
+        assert result.exit_code == 0, result.output
+        if method == "tall_masks":
+            task_dir = tmp_path / "task-a"
+            result = runner.invoke(
+                app,
+                [
+                    "materialize",
+                    str(out),
+                    "--task",
+                    "a",
+                    "--output",
+                    str(task_dir),
+                    "--max-shard-size",
+                    "2KB",
+                ],
+            )
+            assert result.exit_code == 0, result.output
+            out = task_dir
+        assert sorted(p.name for p in out.glob("*.safetensors*")) == ["open_clip_model.safetensors"]
+        merged = load_file(out / "open_clip_model.safetensors")
+        assert merged.keys() == base.keys()
+        if method == "task_arithmetic":
+            for k, v in base.items():
+                assert torch.equal(merged[k], v + ((tasks["a"][k] - v) + (tasks["b"][k] - v)))
