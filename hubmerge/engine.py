@@ -1,10 +1,11 @@
 """The streaming engine: passes over the T+1 checkpoints, one piece of one tensor at a time.
 
-Memory holds the T+1 input pieces of one tensor as stored, a few float32 pieces and small global summaries (two
-radix histograms per task, a sign count, the agreement histogram), never a flattened model. Large tensors are
-cut into row blocks so the bound does not even depend on the largest tensor. On the CPU the arithmetic runs
-over cache-sized spans of a piece, each upcast to float32 only there. Every entry of every floating-point
-tensor of the base counts in d (sorted key order, as the reference flattens); non-float tensors are copied.
+Memory holds the T+1 input pieces of one tensor as stored, a few float32 pieces and small global summaries
+(two radix histograms per task, a sign count, the agreement histogram), never a flattened model. Large
+tensors are cut into row blocks so the bound does not even depend on the largest tensor. On the CPU the
+arithmetic runs over cache-sized spans of a piece, each upcast to float32 only there. Every entry of every
+floating-point tensor of the base counts in d (sorted key order, as the reference flattens); non-float
+tensors are copied.
 
 A reader thread fetches the next piece of all T+1 checkpoints while the current one is computed (into pinned
 memory when computing on a GPU), and a writer thread puts finished pieces in place behind the compute. With a
@@ -310,7 +311,9 @@ class Engine:
         self.show_progress = show_progress and group.is_main
         self.group = group
         self.prefetch = prefetch
-        self.span_entries = span_entries or (CPU_SPAN_ENTRIES if device.type == "cpu" else None)
+        if span_entries is None:
+            span_entries = CPU_SPAN_ENTRIES if device.type == "cpu" else 0
+        self.span_entries = span_entries  # 0: whole pieces
         t = len(job.models)
         self.stats = RunStats(num_tasks=t)
         if self.spec.masks is not None:
@@ -371,9 +374,9 @@ class Engine:
     def _spans(
         self, base: torch.Tensor, thetas: list[torch.Tensor]
     ) -> Iterator[tuple[slice, torch.Tensor, list[torch.Tensor]]]:
-        """(span, θ0 span, θ_t spans) of one flat piece, spans of `span_entries` (the whole piece on a GPU)."""
+        """(span, θ0 span, θ_t spans) of one flat piece: spans of `span_entries`, or the whole piece (0)."""
         n = base.numel()
-        step = self.span_entries or n
+        step = self.span_entries or max(n, 1)  # an empty piece has no span
         for start in range(0, n, step):
             span = slice(start, min(start + step, n))
             yield span, base[span], [theta[span] for theta in thetas]
@@ -389,7 +392,8 @@ class Engine:
     def _inputs(
         self, description: str, whole: bool = False, stride: int = 1
     ) -> Iterator[tuple[str, Rows, torch.Tensor, list[torch.Tensor]]]:
-        """(key, rows, flat θ0 piece, flat θ_t pieces) on the device, the next piece read in the background."""
+        """(key, rows, flat θ0 piece, flat θ_t pieces) on the device; the next piece is read in the
+        background."""
         pieces = self._pieces(description, self.job.merge_keys, whole, stride)
         if not self.prefetch:
             for key, rows in pieces:

@@ -240,6 +240,34 @@ def test_task_vector_and_apply_vector_equal_the_upcast_first_arithmetic_bit_for_
     want = theta.float() - base.float()
     assert tau.dtype == torch.float32
     assert torch.equal(tau.view(torch.int32), want.view(torch.int32))
+    # NaN on both sides of θ0 + α·τ: the sum keeps θ0's NaN, as θ0 comes first in the reference
+    base[3] = float("nan")
+    tau[3] = -torch.tensor(float("nan"))
     for scaling in (1.0, 0.3):
         got = apply_vector(base, tau, scaling)
         assert torch.equal(got.view(torch.int32), (base.float() + tau * scaling).view(torch.int32))
+
+
+@pytest.mark.parametrize("method", ["ties", "tall_masks"])
+def test_whole_piece_spans_as_on_a_gpu_handle_empty_tensors_and_match_small_spans(tmp_path, method):
+    """span_entries=0 computes whole pieces (the GPU setting); an empty float tensor has no span at all."""
+    gen = torch.Generator().manual_seed(5)
+    base = {"w": torch.randn(6, 5, generator=gen), "empty": torch.zeros(0, 3)}
+    models = [{k: v + torch.randn(v.shape, generator=gen) for k, v in base.items()} for _ in range(3)]
+    save_file(base, tmp_path / "base.safetensors")
+    for i, m in enumerate(models):
+        save_file(m, tmp_path / f"t{i}.safetensors")
+    recipe = parse_recipe(
+        {
+            "version": 1,
+            "base": str(tmp_path / "base.safetensors"),
+            "models": [str(tmp_path / f"t{i}.safetensors") for i in range(len(models))],
+            "method": method,
+        }
+    )
+    outputs = []
+    for span_entries in (0, 4):
+        out = tmp_path / f"out{span_entries}"
+        run_recipe(recipe, output=out, block_entries=8, span_entries=span_entries)
+        outputs.append({p.name: p.read_bytes() for p in sorted(out.rglob("*.safetensors"))})
+    assert outputs[0] and outputs[0] == outputs[1]

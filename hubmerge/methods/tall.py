@@ -30,7 +30,7 @@ def tall_masks(
     Returns:
         The bool mask of each task.
     """
-    multi = tau_mtl + exact_float32_operand(base)  # float32 addition commutes bit for bit
+    multi = torch.add(exact_float32_operand(base), tau_mtl)
     if taus is None:
         taus = task_vectors(base, finetuned)
     masks = []

@@ -53,7 +53,8 @@ def sum_in_task_order(tensors: list[torch.Tensor]) -> torch.Tensor:
     Returns:
         Their float32 sum.
     """
-    total = tensors[0].float().clone()
+    # 0 + x_0 first, as Python's sum() and torch.sum start from +0.0: an all −0.0 sum is +0.0
+    total = tensors[0].float().add(0.0)
     for tensor in tensors[1:]:
         total.add_(tensor)
     return total
@@ -70,5 +71,5 @@ def apply_vector(base: torch.Tensor, vector: torch.Tensor, scaling: float) -> to
     Returns:
         The merged weights in float32.
     """
-    # float32 addition commutes bit for bit, so θ0 can be promoted inside it
-    return torch.mul(vector, scaling).add_(exact_float32_operand(base))
+    # θ0 first, as in the reference: with NaN on both sides the sum keeps the first operand's NaN
+    return torch.add(exact_float32_operand(base), torch.mul(vector, scaling))
