@@ -53,7 +53,7 @@ def sum_in_task_order(tensors: list[torch.Tensor]) -> torch.Tensor:
     Returns:
         Their float32 sum.
     """
-    # 0 + x_0 first, as Python's sum() and torch.sum start from +0.0: an all −0.0 sum is +0.0
+    # 0 + x_0 first: the reference's stack(τ).sum(0) starts from +0.0, so an all −0.0 sum is +0.0
     total = tensors[0].float().add(0.0)
     for tensor in tensors[1:]:
         total.add_(tensor)

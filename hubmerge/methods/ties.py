@@ -77,7 +77,7 @@ def disjoint_merge(trimmed: list[torch.Tensor], sign: torch.Tensor, merge: TiesM
             continue
         if merge == "mean":
             kept = (selected != 0).float() if kept is None else kept.add_(selected != 0)
-        total = selected.add_(0.0) if total is None else total.add_(selected)  # from +0.0, as torch.sum
+        total = selected.add_(0.0) if total is None else total.add_(selected)  # from +0.0, as .sum(0)
     if merge == "sum":
         return total
     if merge == "mean":
