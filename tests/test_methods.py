@@ -112,20 +112,25 @@ def test_ties_negative_majority_resolves_cancellations_through_the_engine(tmp_pa
     assert merged["w"].tolist() == [-2.0, -2.0, -2.0, -1.0]
 
 
-def run_ties(tmp_path, base: dict, models: list[dict], merge: str, block_entries: int = 1 << 21):
-    """TIES with density 1 on single-file models through the engine: (run result, merged tensors)."""
+def single_file_recipe(tmp_path, base: dict, models: list[dict], method: str, parameters: dict | None = None):
+    """The recipe of `method` over base and models saved as single safetensors files in tmp_path."""
     save_file(base, tmp_path / "base.safetensors")
     for i, m in enumerate(models):
         save_file(m, tmp_path / f"t{i}.safetensors")
-    recipe = parse_recipe(
+    return parse_recipe(
         {
             "version": 1,
             "base": str(tmp_path / "base.safetensors"),
             "models": [str(tmp_path / f"t{i}.safetensors") for i in range(len(models))],
-            "method": "ties",
-            "parameters": {"density": 1.0, "merge": merge},
+            "method": method,
+            "parameters": parameters or {},
         }
     )
+
+
+def run_ties(tmp_path, base: dict, models: list[dict], merge: str, block_entries: int = 1 << 21):
+    """TIES with density 1 on single-file models through the engine: (run result, merged tensors)."""
+    recipe = single_file_recipe(tmp_path, base, models, "ties", {"density": 1.0, "merge": merge})
     result = run_recipe(recipe, output=tmp_path / "out", block_entries=block_entries)
     return result, load_file(tmp_path / "out" / "model.safetensors")
 
@@ -254,17 +259,7 @@ def test_whole_piece_spans_as_on_a_gpu_handle_empty_tensors_and_match_small_span
     gen = torch.Generator().manual_seed(5)
     base = {"w": torch.randn(6, 5, generator=gen), "empty": torch.zeros(0, 3)}
     models = [{k: v + torch.randn(v.shape, generator=gen) for k, v in base.items()} for _ in range(3)]
-    save_file(base, tmp_path / "base.safetensors")
-    for i, m in enumerate(models):
-        save_file(m, tmp_path / f"t{i}.safetensors")
-    recipe = parse_recipe(
-        {
-            "version": 1,
-            "base": str(tmp_path / "base.safetensors"),
-            "models": [str(tmp_path / f"t{i}.safetensors") for i in range(len(models))],
-            "method": method,
-        }
-    )
+    recipe = single_file_recipe(tmp_path, base, models, method)
     outputs = []
     for span_entries in (0, 4):
         out = tmp_path / f"out{span_entries}"
