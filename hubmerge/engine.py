@@ -34,6 +34,7 @@ from typing import Any
 import torch
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
+from hubmerge import fused
 from hubmerge.artifacts import ArtifactWriter, output_dtype, storage_summary
 from hubmerge.distributed import SINGLE, Group
 from hubmerge.errors import HubmergeError
@@ -303,6 +304,7 @@ class Engine:
         group: Group = SINGLE,
         prefetch: bool = True,
         span_entries: int | None = None,
+        fused_kernels: bool = True,
     ):
         self.job = job
         self.spec = job.spec
@@ -314,6 +316,9 @@ class Engine:
         if span_entries is None:
             span_entries = CPU_SPAN_ENTRIES if device.type == "cpu" else 0
         self.span_entries = span_entries  # 0: whole pieces
+        # the fused CPU kernels where they compile (`hubmerge.fused`); False: torch operations only
+        self.fused_kernels = fused_kernels and device.type == "cpu" and fused.library() is not None
+        self._scratch = torch.empty(0, dtype=torch.float32, device=device)
         t = len(job.models)
         self.stats = RunStats(num_tasks=t)
         if self.spec.masks is not None:
@@ -381,13 +386,14 @@ class Engine:
             span = slice(start, min(start + step, n))
             yield span, base[span], [theta[span] for theta in thetas]
 
-    def _span_inputs(
-        self, description: str, stride: int = 1
-    ) -> Iterator[tuple[str, torch.Tensor, list[torch.Tensor]]]:
-        """(key, θ0 span, θ_t spans) of every piece of a statistics pass."""
-        for key, _, base, thetas in self._inputs(description, stride=stride):
-            for _, base_span, theta_spans in self._spans(base, thetas):
-                yield key, base_span, theta_spans
+    def _fusable(self, base: torch.Tensor, thetas: list[torch.Tensor]) -> bool:
+        return self.fused_kernels and fused.supports(base, *thetas)
+
+    def _float32_scratch(self, n: int) -> torch.Tensor:
+        """n entries of a float32 buffer reused across pieces (only within one piece's computation)."""
+        if self._scratch.numel() < n:
+            self._scratch = torch.empty(n, dtype=torch.float32, device=self.device)
+        return self._scratch[:n]
 
     def _inputs(
         self, description: str, whole: bool = False, stride: int = 1
@@ -441,20 +447,12 @@ class Engine:
     ) -> list[float | None]:
         """Each task's `rank`-th smallest |τ| over the (θ0, θ_t) pieces that `pieces(description)` yields
         (called twice: high bits, then low bits); `shared`: over the pieces of every process."""
-        high = self._magnitude_histograms(
-            pieces("top-k thresholds (high bits)"),
-            lambda _, bits: high_codes_(bits),
-            high_histogram,
-            HIGH_BUCKETS,
-        )
+        high = self._magnitude_histograms(pieces("top-k thresholds (high bits)"), None)
         if shared:
             high = self.group.all_sum(high)
         buckets = [locate(h, rank) for h in high]
         low = self._magnitude_histograms(
-            pieces("top-k thresholds (low bits)"),
-            lambda i, bits: low_codes_(bits, buckets[i][0]),
-            low_histogram,
-            LOW_BUCKETS,
+            pieces("top-k thresholds (low bits)"), [bucket for bucket, _ in buckets]
         )
         if shared:
             low = self.group.all_sum(low)
@@ -464,29 +462,33 @@ class Engine:
         ]
 
     def _magnitude_histograms(
-        self,
-        pieces: Iterator[tuple[torch.Tensor, list[torch.Tensor]]],
-        encode: Callable[[int, torch.Tensor], torch.Tensor],
-        histogram: Callable[[torch.Tensor], torch.Tensor],
-        bins: int,
+        self, pieces: Iterator[tuple[torch.Tensor, list[torch.Tensor]]], buckets: list[int] | None
     ) -> torch.Tensor:
-        """Per task, the sum over `pieces` of `histogram` (`bins` bins) of the codes that `encode(task, bits)`
-        makes of the |τ_t| bit patterns: a [T, bins] int64 tensor.
+        """Per task, the radix histogram over `pieces` of the |τ_t| bit patterns: of their top 16 bits
+        (`buckets` None), else of their low 16 bits inside task t's bucket. A [T, bins] int64 tensor.
 
-        Codes are formed span by span (in the caches) into one of two reused piece buffers, while a counting
-        thread runs the bincount of the other: bincount uses one core, the span arithmetic all of them. (One
-        bincount per span into span-sized buffers was slower: docs/benchmarks.md.)
+        The fused kernel reads each piece once for every task. Otherwise codes are formed span by span (in
+        the caches) into one of two reused piece buffers, while a counting thread runs the bincount of the
+        other: bincount uses one core, the span arithmetic all of them. (One bincount per span into
+        span-sized buffers was slower: docs/benchmarks.md.)
         """
+        # the fused kernel also counts the low codes below and above the bucket (the first and last bins)
+        bins = HIGH_BUCKETS if buckets is None else LOW_BUCKETS + 2
         counts = torch.zeros(len(self.job.models), bins, dtype=torch.int64, device=self.device)
+        histograms = counts if buckets is None else counts[:, 1:-1]
+        histogram = high_histogram if buckets is None else low_histogram
         buffers = [torch.empty(0, dtype=torch.int32, device=self.device) for _ in range(2)]
         counting: list[Future[None] | None] = [None, None]
 
         def count(task: int, codes: torch.Tensor) -> None:
-            counts[task] += histogram(codes)
+            histograms[task] += histogram(codes)
 
         with ThreadPoolExecutor(1, thread_name_prefix="hubmerge-count") as counter:
             slot = 0
             for base, thetas in pieces:
+                if self._fusable(base, thetas):
+                    fused.magnitude_histograms(base, thetas, buckets, counts)
+                    continue
                 n, base32 = base.numel(), base.float()
                 for i, theta in enumerate(thetas):
                     if counting[slot] is not None:
@@ -496,13 +498,14 @@ class Engine:
                     codes = buffers[slot][:n]
                     for span, base_span, (theta_span,) in self._spans(base32, [theta]):
                         tau = task_vector(base_span, theta_span, out=codes[span].view(torch.float32))
-                        encode(i, magnitude_bits(tau, out=tau))
+                        bits = magnitude_bits(tau, out=tau)
+                        high_codes_(bits) if buckets is None else low_codes_(bits, buckets[i])
                     counting[slot] = counter.submit(count, i, codes)
                     slot ^= 1
             for pending in counting:
                 if pending is not None:
                     pending.result()
-        return counts
+        return histograms
 
     def _global_thresholds(self, density: float) -> list[float | None]:
         rank = kth_rank(self.job.d, density)
@@ -551,8 +554,13 @@ class Engine:
     def _ties_sign_count(self, description: str, stride: int = 1) -> int:
         """Σ of the elected signs over the pieces of every process (every stride-th piece of each share)."""
         count = 0
-        for key, base, thetas in self._span_inputs(description, stride):
-            count += sign_count(elect_sign(trim(task_vectors(base, thetas), self._thresholds_for(key))))
+        for key, _, base, thetas in self._inputs(description, stride=stride):
+            thresholds = self._thresholds_for(key)
+            if self._fusable(base, thetas):
+                count += fused.ties(base, thetas, thresholds, majority=0, merge=None)
+                continue
+            for _, base_span, theta_spans in self._spans(base, thetas):
+                count += sign_count(elect_sign(trim(task_vectors(base_span, theta_spans), thresholds)))
         return int(self.group.all_sum(torch.tensor([count], dtype=torch.int64)))
 
     def _set_majority(self, total: int) -> None:
@@ -601,6 +609,51 @@ class Engine:
                 self.stats.consensus_kept += int(torch.count_nonzero(keep))
                 tau_mtl = tau_mtl * keep
         return tau_mtl, masks, taus
+
+    def _fused_piece(
+        self,
+        key: str,
+        base: torch.Tensor,
+        thetas: list[torch.Tensor],
+        out: torch.Tensor,
+        scaling: float | None,
+        masks: torch.Tensor | None,
+    ) -> bool:
+        """What `compute` gives for a whole piece, by the fused kernels: τ_MTL (θ0 + α·τ_MTL with `scaling`)
+        into `out` (float32), the TALL masks into `masks` ([T, n] bool) if given, statistics recorded.
+        False, with nothing done, where the kernels do not apply (magnitude masks, unsupported dtypes)."""
+        spec = self.spec
+        if spec.vector == "none" or spec.masks == "magnitude" or not self._fusable(base, thetas):
+            return False
+        if spec.masks == "tall" and len(thetas) > fused.MAX_TALL_TASKS:
+            return False
+        if spec.masks is None and spec.vector == "sum":
+            fused.task_arithmetic(base, thetas, out, scaling)
+            return True
+        tau_mtl = None
+        if spec.vector == "ties":
+            signs = fused.ties(
+                base,
+                thetas,
+                self._thresholds_for(key),
+                self._majority,
+                spec.ties.merge,
+                out,
+                scaling if spec.masks is None else None,
+            )
+            if self._counting_signs:
+                self._sign_count += signs
+            tau_mtl = out
+        if spec.masks == "tall":
+            counts = fused.tall(base, thetas, spec.lambdas, tau_mtl, spec.consensus_k, masks, out, scaling)
+            t = len(thetas)
+            inactive, active, kept = counts[: t + 1], counts[t + 1 : 2 * t + 2], counts[2 * t + 2 : 3 * t + 2]
+            self.stats.histogram += inactive + active
+            self.stats.histogram_active += active
+            self.stats.kept = [total + int(k) for total, k in zip(self.stats.kept, kept, strict=True)]
+            if spec.consensus_k is not None:
+                self.stats.consensus_kept += int(counts[-1])
+        return True
 
     def _ties_vector(self, key: str, taus: list[torch.Tensor]) -> torch.Tensor:
         trimmed = trim(taus, self._thresholds_for(key))
@@ -654,9 +707,16 @@ class Engine:
             with self._writer() as submit:
                 for key, rows, base, thetas in self._inputs(description):
                     merged = torch.empty(base.shape, dtype=job.out_dtype(key), device=self.device)
-                    for span, base_span, theta_spans in self._spans(base, thetas):
-                        tau_mtl, _, _ = self.compute(key, base_span, theta_spans)
-                        merged[span] = apply_vector(base_span, tau_mtl, self.spec.scaling)
+                    result = (
+                        merged if merged.dtype == torch.float32 else self._float32_scratch(merged.numel())
+                    )
+                    if self._fused_piece(key, base, thetas, result, self.spec.scaling, None):
+                        if result is not merged:
+                            merged.copy_(result)
+                    else:
+                        for span, base_span, theta_spans in self._spans(base, thetas):
+                            tau_mtl, _, _ = self.compute(key, base_span, theta_spans)
+                            merged[span] = apply_vector(base_span, tau_mtl, self.spec.scaling)
                     submit(files.write, key, merged, first_entry(job.base.infos[key], rows))
 
         try:
@@ -709,6 +769,8 @@ class Engine:
             tau_mtl = torch.empty(n, dtype=torch.float32, device=self.device)
         masks = torch.empty(t, n, dtype=torch.bool, device=self.device)
         taus = torch.empty(t if self.spec.own_values else 0, n, dtype=torch.float32, device=self.device)
+        if tau_mtl is not None and self._fused_piece(key, base, thetas, tau_mtl, None, masks):
+            return tau_mtl, list(masks), list(taus)
         for span, base_span, theta_spans in self._spans(base, thetas):
             span_vector, span_masks, span_taus = self.compute(key, base_span, theta_spans)
             if tau_mtl is not None:

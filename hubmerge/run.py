@@ -155,6 +155,7 @@ def run_recipe(
     max_shard_size: int | str = "5GB",
     block_entries: int = DEFAULT_BLOCK_ENTRIES,
     span_entries: int | None = None,
+    fused_kernels: bool = True,
     show_progress: bool = False,
     token: str | None = None,
     endpoint: str | None = None,
@@ -193,6 +194,7 @@ def run_recipe(
             torch_device,
             block_entries=block_entries,
             span_entries=span_entries,
+            fused_kernels=fused_kernels,
             show_progress=show_progress,
             group=group,
         )

@@ -90,6 +90,8 @@ def problems(draw) -> dict:
         # None: the CPU default (one span per piece here); 0: whole pieces, as on a GPU; small spans cut
         # pieces at any entry
         "span_entries": draw(st.sampled_from([None, 0, 1, 3, 8])),
+        # the fused CPU kernels (where they compile) or torch operations only
+        "fused_kernels": draw(st.booleans()),
         "method": method,
         "params": params,
     }
@@ -170,6 +172,7 @@ def test_streaming_equals_whole_model(problem):
             output=root / "out",
             block_entries=problem["block_entries"],
             span_entries=problem["span_entries"],
+            fused_kernels=problem["fused_kernels"],
         )
         ref = reference_outputs(base, models, problem["method"], params)
         keys = ref["keys"]

@@ -115,7 +115,7 @@ def test_atomic_directory_leaves_nothing_on_failure_and_keeps_the_previous_outpu
 def test_run_interrupted_mid_stream_writes_nothing(tmp_path, monkeypatch):
     """A failure after some tensors were written (here: the 5th piece) leaves no output and no partial files."""
     calls = []
-    original = Engine.compute
+    original = Engine._compressed_piece
 
     def failing(self, *args):
         calls.append(1)
@@ -123,7 +123,7 @@ def test_run_interrupted_mid_stream_writes_nothing(tmp_path, monkeypatch):
             raise KeyboardInterrupt
         return original(self, *args)
 
-    monkeypatch.setattr(Engine, "compute", failing)
+    monkeypatch.setattr(Engine, "_compressed_piece", failing)
     with pytest.raises(KeyboardInterrupt):
         run_recipe(parse_recipe(recipe("tall_masks")), output=tmp_path / "out")
     assert list(tmp_path.iterdir()) == []
