@@ -228,6 +228,8 @@ def run(
 
     The output appears only when complete (written to a hidden sibling directory, then renamed). Hub
     sources are pinned to the commit they resolve to; with a `push:` block the output is then uploaded.
+    On the CPU the arithmetic runs in fused C kernels, compiled with the system C compiler on first use
+    (same results; HUBMERGE_FUSED=0 uses torch operations instead).
     """
     from hubmerge.distributed import join, launch, leave
     from hubmerge.engine import plan_summary, prepare, resolve_device

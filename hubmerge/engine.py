@@ -3,9 +3,10 @@
 Memory holds the T+1 input pieces of one tensor as stored, a few float32 pieces and small global summaries
 (two radix histograms per task, a sign count, the agreement histogram), never a flattened model. Large
 tensors are cut into row blocks so the bound does not even depend on the largest tensor. On the CPU the
-arithmetic runs over cache-sized spans of a piece, each upcast to float32 only there. Every entry of every
-floating-point tensor of the base counts in d (sorted key order, as the reference flattens); non-float
-tensors are copied.
+fused kernels (`hubmerge.fused`) compute a whole piece in one loop; otherwise the methods' tensor functions
+run over cache-sized spans of a piece (whole pieces on a GPU), each upcast to float32 only there. Every
+entry of every floating-point tensor of the base counts in d (sorted key order, as the reference flattens);
+non-float tensors are copied.
 
 A reader thread fetches the next piece of all T+1 checkpoints while the current one is computed (into pinned
 memory when computing on a GPU), and a writer thread puts finished pieces in place behind the compute. With a
@@ -22,9 +23,10 @@ TALL/Consensus with TIES (and TIES `max`): two threshold histograms, the majorit
 from __future__ import annotations
 
 import contextlib
+import itertools
 import math
 from collections import deque
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from functools import cached_property
@@ -265,7 +267,11 @@ def peak_memory_estimate(job: MergeJob, piece: int) -> int:
     per_entry = 2 * (t + 1) * stored + 3 * 4
     if job.spec.result == "compressed":
         per_entry += t * (1 + 4 * job.spec.own_values)
-    return piece * per_entry + span * 4 * ((5 if job.spec.vector == "ties" else 3) * t + 6)
+    spans = span * 4 * ((5 if job.spec.vector == "ties" else 3) * t + 6)
+    # the fused kernels' per-thread copies of the top-bits histograms
+    thresholds = job.spec.global_topk_density is not None or job.spec.tensor_topk_density is not None
+    copies = thresholds * torch.get_num_threads() * t * fused.HIGH_HISTOGRAM_COPIES_BYTES
+    return piece * per_entry + spans + copies
 
 
 @dataclass
@@ -400,7 +406,13 @@ class Engine:
     ) -> Iterator[tuple[str, Rows, torch.Tensor, list[torch.Tensor]]]:
         """(key, rows, flat θ0 piece, flat θ_t pieces) on the device; the next piece is read in the
         background."""
-        pieces = self._pieces(description, self.job.merge_keys, whole, stride)
+        yield from self._read_ahead(self._pieces(description, self.job.merge_keys, whole, stride))
+
+    def _read_ahead(
+        self, pieces: Iterable[tuple[str, Rows]]
+    ) -> Iterator[tuple[str, Rows, torch.Tensor, list[torch.Tensor]]]:
+        """(key, rows, flat θ0 piece, flat θ_t pieces) of `pieces` on the device, each read while the one
+        before is computed."""
         if not self.prefetch:
             for key, rows in pieces:
                 yield key, rows, *self._on_device(self._read(key, rows))
@@ -487,6 +499,9 @@ class Engine:
             slot = 0
             for base, thetas in pieces:
                 if self._fusable(base, thetas):
+                    for pending in counting:  # a bincount of an earlier piece may still be adding to counts
+                        if pending is not None:
+                            pending.result()
                     fused.magnitude_histograms(base, thetas, buckets, counts)
                     continue
                 n, base32 = base.numel(), base.float()
@@ -520,27 +535,39 @@ class Engine:
 
     def _per_tensor_thresholds(self, density: float) -> None:
         """`trim: tensor`: each tensor's own k-th |τ|; a tensor of several row blocks by radix selection over
-        its blocks, so not even the largest tensor is held whole. Each process takes whole tensors."""
-        infos = self.job.base.infos
+        its blocks, so not even the largest tensor is held whole. Each process takes whole tensors. Their
+        reads (a tensor of several blocks twice: high bits, then low bits) form one stream, each read while
+        the piece before is computed."""
+        infos, t = self.job.base.infos, len(self.job.models)
+        plans = {
+            key: (row_blocks(infos[key], self.block_entries), kth_rank(infos[key].numel, density))
+            for key, _ in self._blocks(self.job.merge_keys, whole=True)
+        }
+        reads = [
+            (key, rows)
+            for key, (blocks, rank) in plans.items()
+            if rank
+            for rows in (blocks if len(blocks) == 1 else blocks * 2)
+        ]
         mine: dict[str, list[float | None]] = {}
-        for key, _ in self._pieces("per-tensor thresholds", self.job.merge_keys, whole=True):
-            blocks, rank = row_blocks(infos[key], self.block_entries), kth_rank(infos[key].numel, density)
-            if rank == 0:
-                mine[key] = [None] * len(self.job.models)
-            elif len(blocks) == 1:
-                mine[key] = [
-                    tensor_threshold(tau, density)
-                    for tau in task_vectors(*self._on_device(self._read(key, None)))
-                ]
-            else:
+        with contextlib.closing(self._read_ahead(reads)) as stream, self._progress() as progress:
 
-                def pieces(
-                    _: str, key: str = key, blocks: list[Rows] = blocks
-                ) -> Iterator[tuple[torch.Tensor, list[torch.Tensor]]]:
-                    for rows in blocks:
-                        yield self._on_device(self._read(key, rows))
+            def pieces(count: int) -> Iterator[tuple[torch.Tensor, list[torch.Tensor]]]:
+                for _, _, base, thetas in itertools.islice(stream, count):
+                    yield base, thetas
 
-                mine[key] = self._radix_thresholds(rank, pieces, shared=False)
+            task = progress.add_task("per-tensor thresholds", total=len(plans))
+            for key, (blocks, rank) in plans.items():
+                if rank == 0:
+                    mine[key] = [None] * t
+                elif len(blocks) == 1:
+                    taus = task_vectors(*next(pieces(1)))
+                    mine[key] = [tensor_threshold(tau, density) for tau in taus]
+                else:
+                    mine[key] = self._radix_thresholds(
+                        rank, lambda _, count=len(blocks): pieces(count), shared=False
+                    )
+                progress.advance(task)
         for share in self.group.gather(mine):
             self._tensor_thresholds.update(share)
 

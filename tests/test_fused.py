@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import pytest
 import torch
+from safetensors.torch import save_file
 
-from hubmerge import fused
+from hubmerge import fused, parse_recipe, run_recipe
 from hubmerge.methods.tall import agreement_histograms, consensus_mask, mask_count, tall_masks
 from hubmerge.methods.task_arithmetic import apply_vector, sum_in_task_order, task_vectors
 from hubmerge.methods.ties import disjoint_merge, elect_sign, resolve_zero_signs, sign_count, trim
@@ -195,3 +196,57 @@ def test_the_compiled_library_is_cached_by_source_and_machine(tmp_path, monkeypa
     finally:
         monkeypatch.undo()
         fused.library.cache_clear()
+
+
+ENGINE_RECIPES = [
+    ("task_arithmetic", {"scaling": 0.3}),
+    ("weight_average", {}),
+    ("ties", {"density": 0.3, "merge": "mean"}),
+    ("ties", {"density": 0.3, "merge": "max", "trim": "tensor"}),
+    ("tall_masks", {"lambda": 0.4}),
+    ("tall_masks", {"merge": "ties", "lambda": {"t0": 0.2, "t1": 0.5, "t2": 1.0}}),
+    ("consensus", {"k": 2, "scaling": 0.7}),
+    ("magnitude_masking", {"density": 0.25}),
+]
+
+
+@pytest.mark.parametrize(("method", "parameters"), ENGINE_RECIPES, ids=lambda x: str(x))
+def test_engine_output_is_the_same_with_and_without_the_kernels(tmp_path, method, parameters):
+    """Every output byte and statistic; the float64 tensor is computed with torch operations within the
+    same passes as the fused pieces (small blocks: many pieces of each)."""
+    shapes = {"a.weight": (40, 24), "b.bias": (24,), "c.weight": (33, 7), "d.weight": (16, 16)}
+    dtypes = {"a.weight": torch.bfloat16, "b.bias": torch.float16, "c.weight": torch.float32}
+    generator = torch.Generator().manual_seed(7)
+    tensors: list[dict] = []
+    for _ in range(4):
+        tensors.append({})
+        for key, shape in shapes.items():
+            grid = torch.randint(-6, 7, shape, generator=generator).double() / 8
+            tensors[-1][key] = grid.to(dtypes.get(key, torch.float64))
+    base = tensors[0]
+    models = [{k: base[k] + m[k] for k in shapes} for m in tensors[1:]]
+    for model in models:
+        model["a.weight"][0, :3] = torch.tensor([float("nan"), -0.0, float("inf")])
+    names = {"models": [{"source": str(tmp_path / f"t{i}.safetensors"), "name": f"t{i}"} for i in range(3)]}
+    save_file(base, tmp_path / "base.safetensors")
+    for i, model in enumerate(models):
+        save_file(model, tmp_path / f"t{i}.safetensors")
+    recipe = parse_recipe(
+        {"version": 1, "base": str(tmp_path / "base.safetensors"), "method": method, "parameters": parameters}
+        | names
+    )
+    outputs = {}
+    for kernels in (True, False):
+        out = tmp_path / f"out-{kernels}"
+        result = run_recipe(recipe, output=out, block_entries=64, fused_kernels=kernels, model_card=False)
+        files = {
+            str(p.relative_to(out)): p.read_bytes()
+            for p in sorted(out.rglob("*"))
+            if p.is_file() and p.suffix != ".json"
+        }
+        statistics = {k: v for k, v in result.record.items() if k not in ("seconds", "created", "bytes_read")}
+        outputs[kernels] = files, statistics
+    assert outputs[True][0] and outputs[True][0].keys() == outputs[False][0].keys()
+    for name, content in outputs[True][0].items():
+        assert content == outputs[False][0][name], name
+    assert outputs[True][1] == outputs[False][1]

@@ -32,6 +32,8 @@ DTYPE_CODES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
 MERGE_CODES = {"mean": 0, "sum": 1, "max": 2, None: -1}
 OUT_OF_MEMORY = -(1 << 63)  # hm_ties's INT64_MIN
 MAX_TALL_TASKS = 254  # the kernel counts agreeing masks in uint8
+# per task and thread: kernels.c's SPREAD × HIGH_BINS uint32 counts
+HIGH_HISTOGRAM_COPIES_BYTES = 4 * (1 << 15) * 4
 
 _pointer, _int32, _int64, _float = ctypes.c_void_p, ctypes.c_int32, ctypes.c_int64, ctypes.c_float
 _SIGNATURES = {
