@@ -36,54 +36,15 @@ MAX_TALL_TASKS = 254  # the kernel counts agreeing masks in uint8
 HIGH_HISTOGRAM_COPIES_BYTES = 4 * (1 << 15) * 4
 
 _pointer, _int32, _int64, _float = ctypes.c_void_p, ctypes.c_int32, ctypes.c_int64, ctypes.c_float
+# every kernel starts with (base, base dtype, thetas, theta dtypes, tasks, start, end)
+_PIECES = [_pointer, _int32, _pointer, _pointer, _int32, _int64, _int64]
 _SIGNATURES = {
-    "hm_histograms": (
-        _int32,
-        [_pointer, _int32, _pointer, _pointer, _int32, _int64, _int64, _pointer, _int64, _pointer],
-    ),
-    "hm_ties": (
-        _int64,
-        [
-            _pointer,
-            _int32,
-            _pointer,
-            _pointer,
-            _int32,
-            _int64,
-            _int64,
-            _pointer,
-            _pointer,
-            _float,
-            _int32,
-            _int32,
-            _float,
-            _pointer,
-        ],
-    ),
-    "hm_sum": (
-        None,
-        [_pointer, _int32, _pointer, _pointer, _int32, _int64, _int64, _int32, _float, _pointer],
-    ),
+    "hm_histograms": (_int32, [*_PIECES, _pointer, _int64, _pointer]),
+    "hm_ties": (_int64, [*_PIECES, _pointer, _pointer, _float, _int32, _int32, _float, _pointer]),
+    "hm_sum": (None, [*_PIECES, _int32, _float, _pointer]),
     "hm_tall": (
         None,
-        [
-            _pointer,
-            _int32,
-            _pointer,
-            _pointer,
-            _int32,
-            _int64,
-            _int64,
-            _pointer,
-            _pointer,
-            _int32,
-            _pointer,
-            _int64,
-            _int32,
-            _float,
-            _pointer,
-            _pointer,
-        ],
+        [*_PIECES, _pointer, _pointer, _int32, _pointer, _int64, _int32, _float, _pointer, _pointer],
     ),
 }
 

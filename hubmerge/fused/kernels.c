@@ -56,12 +56,13 @@ static inline float maximum(float a, float b) { /* torch.maximum: NaN wins */
  * buckets == NULL: the top 16 bits (pass A1); otherwise the low-bits code of task t's bucket: 0 below it,
  * 1 + the low 16 bits inside it, LOW_BUCKETS + 1 above it (pass A2). Neighbouring entries often share a
  * bin, so the top-bits counts go to SPREAD interleaved copies (an increment need not wait for the previous
- * one to the same counter), and the low-bits pass counts below/above its bucket without a histogram. */
+ * one to the same counter; uint32, as one call counts one piece), and the low-bits pass counts below/above
+ * its bucket without a histogram. Returns -1 when the copies cannot be allocated, else 0. */
 #define SPREAD 4
 #define HIGH_BINS 32768
-int32_t hm_histograms(const void *base, int32_t base_dtype, const void *const *thetas, const int32_t *theta_dtypes,
-                   int32_t tasks, int64_t start, int64_t end, const int32_t *buckets, int64_t bins,
-                   int64_t *hist) {
+int32_t hm_histograms(const void *base, int32_t base_dtype, const void *const *thetas,
+                      const int32_t *theta_dtypes, int32_t tasks, int64_t start, int64_t end,
+                      const int32_t *buckets, int64_t bins, int64_t *hist) {
     float b[BLOCK], theta[BLOCK];
     uint32_t bits[BLOCK];
     uint32_t *spread = buckets == NULL ? calloc((size_t)tasks * SPREAD * HIGH_BINS, sizeof(uint32_t)) : NULL;
@@ -104,7 +105,8 @@ int32_t hm_histograms(const void *base, int32_t base_dtype, const void *const *t
 
 /* TIES: trim (|τ| >= threshold, kept as mask·τ; trim[t] == 0 keeps the task whole), elect the sign of the
  * task-order float32 sum, resolve 0 signs to `majority`, disjoint merge. Writes τ_MTL, or θ0 + α·τ_MTL with
- * `apply`, into out[i - start] (nothing with merge == SIGNS_ONLY); returns Σ of the elected signs. */
+ * `apply`, into out[i - start] (nothing with merge == SIGNS_ONLY); returns Σ of the elected signs, or
+ * INT64_MIN when its buffer cannot be allocated. */
 int64_t hm_ties(const void *base, int32_t base_dtype, const void *const *thetas, const int32_t *theta_dtypes,
                 int32_t tasks, int64_t start, int64_t end, const float *thresholds, const uint8_t *trim,
                 float majority, int32_t merge, int32_t apply, float scaling, float *out) {
