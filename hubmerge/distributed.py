@@ -46,7 +46,8 @@ class Group:
         """The element-wise sum of `tensor` over every process (returned on `tensor`'s device)."""
         if not self.is_distributed:
             return tensor
-        shared = tensor.to(self.collective_device)
+        # contiguous: a collective reduces numel() entries from the first one, whatever a view's strides
+        shared = tensor.to(self.collective_device).contiguous()
         dist.all_reduce(shared, op=dist.ReduceOp.SUM)
         return shared.to(tensor.device)
 

@@ -74,17 +74,36 @@ def torchrun(processes: int, *args: str) -> subprocess.CompletedProcess:
 
 
 @pytest.fixture(scope="module")
-def two_process_outputs(models, tmp_path_factory) -> Path:
+def last_low_code_recipe(tmp_path_factory) -> dict:
+    """TIES over two tasks where the second task's threshold is the last low code (0xFFFF) of its bucket, in
+    the tensor the second process holds: the last bins of the last task's low histogram must be summed too."""
+    root = tmp_path_factory.mktemp("last-low-code")
+    last_code = torch.tensor([0x3F80FFFF], dtype=torch.int32).view(torch.float32).item()
+    save_file({k: torch.zeros(8, 8) for k in ("a", "b")}, root / "base.safetensors")
+    save_file({k: torch.ones(8, 8) for k in ("a", "b")}, root / "t0.safetensors")
+    save_file({"a": torch.ones(8, 8), "b": torch.full((8, 8), last_code)}, root / "t1.safetensors")
+    return {
+        "version": 1,
+        "base": str(root / "base.safetensors"),
+        "models": [str(root / f"t{i}.safetensors") for i in range(2)],
+        "method": "ties",
+        "parameters": {"density": 0.1, "merge": "sum"},
+    }
+
+
+@pytest.fixture(scope="module")
+def two_process_outputs(models, last_low_code_recipe, tmp_path_factory) -> Path:
     """Every case run by 2 processes in one process group, pieces of at most 2048 entries."""
     out = tmp_path_factory.mktemp("two")
+    recipes = {c: recipe_of(models, c) for c in CASES} | {"last_low_code": last_low_code_recipe}
     jobs = [
         {
-            "recipe": recipe_of(models, c),
+            "recipe": recipe,
             "output": str(out / c),
             "block_entries": 2048,
             "max_shard_size": SHARD_BYTES,
         }
-        for c in CASES
+        for c, recipe in recipes.items()
     ]
     (out / "jobs.json").write_text(json.dumps(jobs))
     done = torchrun(2, str(ROOT / "tests" / "distributed_worker.py"), str(out / "jobs.json"))
@@ -124,6 +143,15 @@ def test_two_processes_write_the_bytes_of_one(case, models, two_process_outputs,
     assert record_of(multi) == record_of(single)
     assert json.loads((multi / "hubmerge.json").read_text())["processes"] == 2
     assert not list(multi.parent.glob(f".{case}.partial-*")), "staging directory left behind"
+
+
+def test_two_processes_sum_the_last_bins_of_the_low_histograms(
+    last_low_code_recipe, two_process_outputs, tmp_path
+):
+    single = run_recipe(parse_recipe(last_low_code_recipe), output=tmp_path / "single", model_card=False)
+    multi = two_process_outputs / "last_low_code"
+    assert files_of(multi) == files_of(single.output)
+    assert record_of(multi) == record_of(single.output)
 
 
 def test_cli_num_processes_runs_through_torchrun(models, tmp_path):

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 from safetensors.torch import save_file
@@ -190,6 +192,7 @@ def test_the_compiled_library_is_cached_by_source_and_machine(tmp_path, monkeypa
         assert fused.library() is not None
         built = list((tmp_path / "kernels").iterdir())
         assert len(built) == 1 and built[0].suffix == ".so"  # no temporary file left beside it
+        assert built[0].stat().st_mode & 0o555 == 0o555, "other users of a shared cache can load it"
         fused.library.cache_clear()
         stamp = built[0].stat().st_mtime_ns
         assert fused.library() is not None and built[0].stat().st_mtime_ns == stamp
@@ -250,3 +253,17 @@ def test_engine_output_is_the_same_with_and_without_the_kernels(tmp_path, method
     for name, content in outputs[True][0].items():
         assert content == outputs[False][0][name], name
     assert outputs[True][1] == outputs[False][1]
+
+
+def test_the_cache_directory_needs_no_home_when_it_is_named(tmp_path, monkeypatch):
+    """Containers often run as a user without a home directory; XDG_CACHE_HOME or HUBMERGE_CACHE suffice."""
+
+    def no_home() -> Path:
+        raise RuntimeError("Could not determine home directory.")
+
+    monkeypatch.delenv("HUBMERGE_CACHE", raising=False)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    monkeypatch.setattr(Path, "home", no_home)
+    assert fused.cache_directory() == tmp_path / "hubmerge"
+    monkeypatch.setenv("HUBMERGE_CACHE", str(tmp_path / "kernels-here"))
+    assert fused.cache_directory() == tmp_path / "kernels-here"

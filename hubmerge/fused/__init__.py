@@ -52,7 +52,9 @@ _SIGNATURES = {
 def cache_directory() -> Path:
     if "HUBMERGE_CACHE" in os.environ:
         return Path(os.environ["HUBMERGE_CACHE"])
-    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "hubmerge"
+    if "XDG_CACHE_HOME" in os.environ:
+        return Path(os.environ["XDG_CACHE_HOME"]) / "hubmerge"
+    return Path.home() / ".cache" / "hubmerge"
 
 
 def _machine() -> str:
@@ -61,7 +63,17 @@ def _machine() -> str:
         lines = Path("/proc/cpuinfo").read_text().splitlines()
     except OSError:
         lines = []
-    described = [line for line in lines if line.startswith(("model name", "flags"))][:2]
+    # x86: model name, flags; Arm: CPU implementer, part, Features (one set of lines per core: keep each once)
+    fields = (
+        "model name",
+        "flags",
+        "Features",
+        "CPU implementer",
+        "CPU architecture",
+        "CPU variant",
+        "CPU part",
+    )
+    described = dict.fromkeys(line for line in lines if line.startswith(fields))
     return "\n".join([platform.machine(), platform.processor(), *described])
 
 
@@ -78,6 +90,7 @@ def _build(compiler: str) -> Path:
         subprocess.run(
             [compiler, *FLAGS, str(SOURCE), "-o", temporary], capture_output=True, text=True, check=True
         )
+        os.chmod(temporary, 0o755)  # mkstemp's 0600 would keep other users of a shared cache out
         os.replace(temporary, target)  # whole or absent, even with several processes compiling at once
     finally:
         Path(temporary).unlink(missing_ok=True)
@@ -94,7 +107,7 @@ def library() -> ctypes.CDLL | None:
         if compiler is None:
             raise FileNotFoundError(f"no C compiler {os.environ.get('CC', 'cc')!r} on PATH")
         lib = ctypes.CDLL(str(_build(compiler)))
-    except (OSError, subprocess.CalledProcessError) as error:
+    except Exception as error:  # whatever fails here, the torch operations compute the same results
         detail = getattr(error, "stderr", None) or error
         warnings.warn(
             f"hubmerge: fused CPU kernels unavailable ({detail}); computing with torch operations (slower)",
