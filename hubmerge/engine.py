@@ -495,13 +495,16 @@ class Engine:
         def count(task: int, codes: torch.Tensor) -> None:
             histograms[task] += histogram(codes)
 
+        def counted() -> None:
+            for pending in counting:
+                if pending is not None:
+                    pending.result()
+
         with ThreadPoolExecutor(1, thread_name_prefix="hubmerge-count") as counter:
             slot = 0
             for base, thetas in pieces:
                 if self._fusable(base, thetas):
-                    for pending in counting:  # a bincount of an earlier piece may still be adding to counts
-                        if pending is not None:
-                            pending.result()
+                    counted()  # a bincount of an earlier piece may still be adding to counts
                     fused.magnitude_histograms(base, thetas, buckets, counts)
                     continue
                 n, base32 = base.numel(), base.float()
@@ -517,9 +520,7 @@ class Engine:
                         high_codes_(bits) if buckets is None else low_codes_(bits, buckets[i])
                     counting[slot] = counter.submit(count, i, codes)
                     slot ^= 1
-            for pending in counting:
-                if pending is not None:
-                    pending.result()
+            counted()
         return histograms
 
     def _global_thresholds(self, density: float) -> list[float | None]:
@@ -675,9 +676,7 @@ class Engine:
             counts = fused.tall(base, thetas, spec.lambdas, tau_mtl, spec.consensus_k, masks, out, scaling)
             t = len(thetas)
             inactive, active, kept = counts[: t + 1], counts[t + 1 : 2 * t + 2], counts[2 * t + 2 : 3 * t + 2]
-            self.stats.histogram += inactive + active
-            self.stats.histogram_active += active
-            self.stats.kept = [total + int(k) for total, k in zip(self.stats.kept, kept, strict=True)]
+            self._add_mask_counts(inactive + active, active, [int(k) for k in kept])
             if spec.consensus_k is not None:
                 self.stats.consensus_kept += int(counts[-1])
         return True
@@ -704,11 +703,15 @@ class Engine:
         for tau in taus[1:]:
             active |= tau != 0
         hist, hist_active = (h.cpu() for h in agreement_histograms(count, active, len(masks)))
-        self.stats.histogram += hist
-        self.stats.histogram_active += hist_active
-        self.stats.kept = [
-            total + int(torch.count_nonzero(m)) for total, m in zip(self.stats.kept, masks, strict=True)
-        ]
+        self._add_mask_counts(hist, hist_active, [int(torch.count_nonzero(m)) for m in masks])
+
+    def _add_mask_counts(
+        self, histogram: torch.Tensor, histogram_active: torch.Tensor, kept: list[int]
+    ) -> None:
+        """Add a piece's agreement histograms (all entries, active ones) and mask sizes to the run's."""
+        self.stats.histogram += histogram
+        self.stats.histogram_active += histogram_active
+        self.stats.kept = [total + k for total, k in zip(self.stats.kept, kept, strict=True)]
 
     def _sum_statistics(self) -> None:
         """Add up what every process counted in the output pass (a no-op for a single process)."""

@@ -20,15 +20,12 @@ from hubmerge.methods.topk import (
     low_histogram,
     magnitude_bits,
 )
+from tests.test_streaming_property import same_bits
 
 pytestmark = pytest.mark.skipif(fused.library() is None, reason="no C compiler for the fused kernels")
 
 DTYPES = [torch.bfloat16, torch.float16, torch.float32]
 SPECIAL = [0.0, -0.0, float("inf"), -float("inf"), float("nan"), 1e-40, -1e-40, 65504.0]
-
-
-def same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
-    return a.dtype == b.dtype and torch.equal(a.view(torch.int32), b.view(torch.int32))
 
 
 def pieces(

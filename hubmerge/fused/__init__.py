@@ -102,10 +102,11 @@ def library() -> ctypes.CDLL | None:
     """The compiled kernels, or None (with one warning saying why) when they cannot be built or are off."""
     if os.environ.get("HUBMERGE_FUSED", "1") == "0":
         return None
-    compiler = shutil.which(os.environ.get("CC", "cc"))
+    name = os.environ.get("CC", "cc")
+    compiler = shutil.which(name)
     try:
         if compiler is None:
-            raise FileNotFoundError(f"no C compiler {os.environ.get('CC', 'cc')!r} on PATH")
+            raise FileNotFoundError(f"no C compiler {name!r} on PATH")
         lib = ctypes.CDLL(str(_build(compiler)))
     except Exception as error:  # whatever fails here, the torch operations compute the same results
         detail = getattr(error, "stderr", None) or error
@@ -146,7 +147,7 @@ def _inputs(base: torch.Tensor, thetas: Sequence[torch.Tensor]) -> tuple:
     return base.data_ptr(), DTYPE_CODES[base.dtype], pointers, codes, len(thetas)
 
 
-def _at(tensor: torch.Tensor | None, start: int = 0) -> int | None:
+def _at(tensor: torch.Tensor | None, start: int) -> int | None:
     return None if tensor is None else tensor.data_ptr() + start * tensor.element_size()
 
 
