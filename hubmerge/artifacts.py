@@ -24,10 +24,13 @@ from typing import Any
 import numpy as np
 import torch
 from huggingface_hub import ModelHubMixin
+from huggingface_hub import constants as hf_constants
 from safetensors import safe_open
 
 from hubmerge.distributed import Group
 from hubmerge.errors import HubmergeError
+from hubmerge.integrity import record_hashes, verify_files
+from hubmerge.output import MANIFEST, atomic_directory, read_manifest
 from hubmerge.sources import Checkpoint, resolve_source
 from hubmerge.writer import (
     SafetensorsFile,
@@ -35,13 +38,13 @@ from hubmerge.writer import (
     Slot,
     ValueSpool,
     assemble_spooled,
-    atomic_directory,
     copy_support_files,
+    parse_shard_size,
 )
 
 FORMAT = "hubmerge-compressed"
+TASK_FORMAT = "hubmerge-task"  # a task's model rebuilt from an artifact (`hubmerge materialize`)
 FORMAT_VERSION = 1
-MANIFEST = "hubmerge.json"
 RECIPE_FILE = "hubmerge_recipe.yaml"  # the pinned recipe, in every output
 VECTOR_STEM = "tau_mtl"
 MASK_DIR = "masks"
@@ -147,6 +150,14 @@ class ArtifactWriter:
     def written(self) -> int:
         return sum(file.written for file in self._files())
 
+    def digests(self) -> dict[str, str]:
+        """{path relative to the artifact: SHA-256} of the files hashed while written."""
+        digests = self._vector.digests() if self._vector is not None else {}
+        for mask in self._masks:
+            if (digest := mask.sha256) is not None:
+                digests[mask.path.relative_to(self.directory).as_posix()] = digest
+        return digests
+
     @property
     def data_bytes(self) -> int:
         return sum(file.data_bytes for file in self._files())
@@ -214,16 +225,27 @@ class CompressedMerge(
     def __init__(self, directory: Path):
         # Only a Path argument: the mixin would otherwise serialize JSON-able init arguments into config.json.
         self.directory = Path(directory)
-        manifest_path = self.directory / MANIFEST
-        if not manifest_path.is_file():
+        if not (self.directory / MANIFEST).is_file():
             raise HubmergeError(f"{self.directory}: not a hubmerge artifact (no {MANIFEST})")
-        manifest = json.loads(manifest_path.read_text())
+        manifest = read_manifest(self.directory)
+        if manifest.get("result") == "task":
+            raise HubmergeError(
+                f"{self.directory} is task {manifest.get('task')!r}'s model, already rebuilt from an artifact: "
+                f"it loads as it is (e.g. AutoModel.from_pretrained({str(self.directory)!r}))"
+            )
+        if manifest.get("result") == "merged":
+            raise HubmergeError(
+                f"{self.directory} is a merged model ({manifest.get('method')}), not a compressed artifact: it "
+                f"is complete as it is (e.g. AutoModel.from_pretrained({str(self.directory)!r})); only "
+                "tall_masks and magnitude_* outputs rebuild task models"
+            )
         if manifest.get("format") != FORMAT or manifest.get("format_version") != FORMAT_VERSION:
             raise HubmergeError(
-                f"{manifest_path}: unsupported format {manifest.get('format')!r} "
+                f"{self.directory / MANIFEST}: unsupported format {manifest.get('format')!r} "
                 f"version {manifest.get('format_version')!r}"
             )
         self.manifest = manifest
+        self._verified: set[str] = set()
         self._base: Checkpoint | None = None
         self._token: str | None = None
         self._endpoint: str | None = None
@@ -323,7 +345,17 @@ class CompressedMerge(
     def _task_file(self, folder: str, task: str) -> Path:
         if task not in self.tasks:
             raise HubmergeError(f"unknown task {task!r}; this artifact has: {', '.join(self.tasks)}")
-        return self.directory / folder / f"{task}.safetensors"
+        return self._checked(self.directory / folder / f"{task}.safetensors")
+
+    def _checked(self, path: Path) -> Path:
+        """`path`, a file of the artifact, once it is there and matches the hash of the run record."""
+        name = path.relative_to(self.directory).as_posix()
+        if name not in self._verified:
+            if not path.is_file():
+                raise HubmergeError(f"{path}: missing; the artifact is incomplete")
+            verify_files(self.directory, self.manifest, [name])
+            self._verified.add(name)
+        return path
 
     def mask(self, task: str) -> dict[str, torch.Tensor]:
         """The task's mask m_t as bool tensors, one per merged tensor."""
@@ -337,8 +369,12 @@ class CompressedMerge(
     def _vector_file_of(self) -> dict[str, Path]:
         index = self.directory / f"{VECTOR_STEM}.safetensors.index.json"
         if index.is_file():
-            return {k: self.directory / f for k, f in json.loads(index.read_text())["weight_map"].items()}
-        single = self.directory / f"{VECTOR_STEM}.safetensors"
+            try:
+                weight_map = json.loads(self._checked(index).read_text())["weight_map"]
+            except (json.JSONDecodeError, KeyError, TypeError) as err:
+                raise HubmergeError(f"{index}: malformed shard index ({err})") from None
+            return {k: self._checked(self.directory / f) for k, f in weight_map.items()}
+        single = self._checked(self.directory / f"{VECTOR_STEM}.safetensors")
         with safe_open(single, framework="pt") as f:
             return dict.fromkeys(f.keys(), single)
 
@@ -388,14 +424,38 @@ class CompressedMerge(
     ) -> Path:
         """Write task `task`'s model as a directory (weights + the base's config and tokenizer files).
 
-        Streams one tensor at a time; the directory appears only when complete.
+        Streams one tensor at a time; the directory appears only when complete. It holds a small run record
+        (hubmerge.json: the artifact and task it came from, its files' hashes), so `--overwrite` may later
+        replace it. The output may not be, contain or lie inside the artifact, the base or the Hub cache.
         """
+        protected = [
+            ("the artifact", self.directory),
+            ("the base", self.base.root),
+            ("the Hugging Face cache", Path(hf_constants.HF_HUB_CACHE)),
+        ]
+        return self._write_task(task, Path(output), overwrite, dtype, max_shard_size, protected)
+
+    def export_task(self, task: str, max_shard_size: int | str = "5GB") -> Path:
+        """Write task `task`'s model into the artifact's own subfolder `<task>/` (`export: subfolders`)."""
+        return self._write_task(
+            task, self.directory / task, True, None, max_shard_size, [("the base", self.base.root)]
+        )
+
+    def _write_task(
+        self,
+        task: str,
+        target: Path,
+        overwrite: bool,
+        dtype: str | None,
+        max_shard_size: int | str,
+        protected: list[tuple[str, Path]],
+    ) -> Path:
         dtype = dtype or self.manifest["dtype"]
         if dtype != "auto" and dtype not in OUTPUT_DTYPES:
             raise HubmergeError(f"--dtype {dtype}: choose auto, {', '.join(OUTPUT_DTYPES)}")
+        parse_shard_size(max_shard_size)
         self._task_file(MASK_DIR, task)
-        target = Path(output)
-        with atomic_directory(target, overwrite) as staging:
+        with atomic_directory(target, overwrite, protected) as staging:
             infos = self.base.infos
             slots = [
                 Slot(k, output_dtype(dtype, i.dtype) if i.is_float else i.dtype, i.shape)
@@ -411,6 +471,17 @@ class CompressedMerge(
             finally:
                 files.close()
             copy_support_files(self.base.directory, staging)
+            record = {
+                "format": TASK_FORMAT,
+                "format_version": FORMAT_VERSION,
+                "result": "task",
+                "task": task,
+                "method": self.method,
+                "dtype": dtype,
+                "artifact": {k: self.manifest.get(k) for k in ("created", "hubmerge_version", "parameters")},
+                "base": self.manifest["base"],
+            }
+            record_hashes(staging, record)
         return target
 
     def agreement_histogram(self) -> list[int]:

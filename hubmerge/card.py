@@ -107,7 +107,16 @@ c = 1: "selfish", one task). "Active" counts only entries where some task vector
 | {{ row[0] }} | {{ "{:,}".format(row[1]) }} | {{ row[2] }} | {{ "{:,}".format(row[3]) }} |
 {% endfor %}{% endif %}{% if consensus_note %}
 {{ consensus_note }}
-{% endif %}
+{% endif %}{% if nonfinite %}
+## Non-finite input weights
+
+This merge was run with `--allow-nonfinite`: these inputs hold NaN or ±Inf entries, which reached the result.
+
+| model | tensor | NaN/Inf entries |
+|---|---|---|
+{% for row in nonfinite -%}
+| {{ row.model }} | `{{ row.tensor }}` | {{ "{:,}".format(row.count) }} |
+{% endfor %}{% endif %}
 ## Recipe
 
 ```yaml
@@ -253,6 +262,7 @@ def build_card(
         plot_file=PLOT_FILE,
         num_tasks=t,
         consensus_note=consensus_note,
+        nonfinite=record.get("nonfinite", []),
         recipe=recipe_yaml,
         cite=record["method"] in PAPER_METHODS,
         paper=PAPER,

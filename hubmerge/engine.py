@@ -34,6 +34,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from hubmerge import fused
@@ -66,8 +67,17 @@ from hubmerge.methods.topk import (
     threshold_value,
     topk_mask,
 )
+from hubmerge.nonfinite import NonfiniteCounts
 from hubmerge.recipe import Recipe
-from hubmerge.sources import Checkpoint, TensorInfo, check_compatible, locate_source, open_source
+from hubmerge.sources import (
+    Checkpoint,
+    SourceError,
+    TensorInfo,
+    check_compatible,
+    locate_source,
+    open_source,
+    sources_error,
+)
 from hubmerge.writer import ShardedFiles, Slot
 
 # 8 MiB float32 pieces: on a 1B bf16 model at T = 8, 2^22 entries gave 1.27 GiB peak RSS (glibc keeps freed
@@ -83,6 +93,7 @@ CPU_SPAN_ENTRIES = 1 << 18
 # Pieces computed but not yet written: the writer thread may lag this far behind before compute waits.
 WRITES_IN_FLIGHT = 2
 Rows = tuple[int, int] | None
+Piece = tuple[str, Rows, torch.Tensor, list[torch.Tensor]]  # key, rows, flat θ0 piece, flat θ_t pieces
 
 
 @dataclass
@@ -126,11 +137,21 @@ class MergeJob:
 def locate_sources(
     recipe: Recipe, *, token: str | None = None, endpoint: str | None = None
 ) -> dict[str, Path | HubSource]:
-    """Every source of the recipe, Hub ids pinned to commits; downloads nothing."""
-    return {
-        spec: locate_source(spec, token=token, endpoint=endpoint)
-        for spec in dict.fromkeys([recipe.base, *recipe.sources])
-    }
+    """Every source of the recipe, Hub ids pinned to commits; downloads nothing.
+
+    Raises:
+        HubmergeError: naming every source that cannot be located, not only the first.
+    """
+    located: dict[str, Path | HubSource] = {}
+    errors: list[SourceError] = []
+    for spec in dict.fromkeys([recipe.base, *recipe.sources]):
+        try:
+            located[spec] = locate_source(spec, token=token, endpoint=endpoint)
+        except SourceError as err:
+            errors.append(err)
+    if errors:
+        raise sources_error(errors)
+    return located
 
 
 def prepare(
@@ -311,6 +332,7 @@ class Engine:
         prefetch: bool = True,
         span_entries: int | None = None,
         fused_kernels: bool = True,
+        allow_nonfinite: bool = False,
     ):
         self.job = job
         self.spec = job.spec
@@ -325,6 +347,12 @@ class Engine:
         # the fused CPU kernels where they compile (`hubmerge.fused`); False: torch operations only
         self.fused_kernels = fused_kernels and device.type == "cpu" and fused.library() is not None
         self._scratch = torch.empty(0, dtype=torch.float32, device=device)
+        self.nonfinite = NonfiniteCounts(
+            ["base", *job.task_names],
+            [ckpt.name for ckpt in (job.base, *job.models)],
+            allow=allow_nonfinite,
+            use_kernels=self.fused_kernels,
+        )
         t = len(job.models)
         self.stats = RunStats(num_tasks=t)
         if self.spec.masks is not None:
@@ -338,6 +366,8 @@ class Engine:
         self._counting_signs = False
         self._sign_count = 0
         self.bytes_read = 0
+        # SHA-256 of the output files this process wrote whole, computed while writing them
+        self.digests: dict[str, str] = {}
 
     def _progress(self) -> Progress:
         return Progress(
@@ -347,6 +377,8 @@ class Engine:
             TimeElapsedColumn(),
             disable=not self.show_progress,
             transient=False,
+            # stdout carries only the result (the `wrote` line, `--json`), so scripts can read it
+            console=Console(stderr=True),
         )
 
     def _blocks(self, keys: list[str], whole: bool = False, stride: int = 1) -> list[tuple[str, Rows]]:
@@ -394,6 +426,14 @@ class Engine:
 
     def _fusable(self, base: torch.Tensor, thetas: list[torch.Tensor]) -> bool:
         return self.fused_kernels and fused.supports(base, *thetas)
+
+    def _check_finite(
+        self, key: str, rows: Rows, base: torch.Tensor, thetas: list[torch.Tensor], computed_fused: bool
+    ) -> None:
+        """Count the NaN/±Inf entries of a piece's inputs, once per piece: after the fused kernels computed
+        it, only if they met one while loading it (they count as they load, so this costs no pass)."""
+        flagged = fused.take_nonfinite() > 0 if computed_fused else None
+        self.nonfinite.check(key, rows, [base, *thetas], self.job.base.infos[key].shape, flagged)
 
     def _float32_scratch(self, n: int) -> torch.Tensor:
         """n entries of a float32 buffer reused across pieces (only within one piece's computation)."""
@@ -454,7 +494,7 @@ class Engine:
     def _radix_thresholds(
         self,
         rank: int,
-        pieces: Callable[[str], Iterator[tuple[torch.Tensor, list[torch.Tensor]]]],
+        pieces: Callable[[str], Iterator[Piece]],
         shared: bool,
     ) -> list[float | None]:
         """Each task's `rank`-th smallest |τ| over the (θ0, θ_t) pieces that `pieces(description)` yields
@@ -473,9 +513,7 @@ class Engine:
             for (bucket, rank_in_bucket), lo in zip(buckets, low, strict=True)
         ]
 
-    def _magnitude_histograms(
-        self, pieces: Iterator[tuple[torch.Tensor, list[torch.Tensor]]], buckets: list[int] | None
-    ) -> torch.Tensor:
+    def _magnitude_histograms(self, pieces: Iterator[Piece], buckets: list[int] | None) -> torch.Tensor:
         """Per task, the radix histogram over `pieces` of the |τ_t| bit patterns: of their top 16 bits
         (`buckets` None), else of their low 16 bits inside task t's bucket. A [T, bins] int64 tensor.
 
@@ -502,11 +540,13 @@ class Engine:
 
         with ThreadPoolExecutor(1, thread_name_prefix="hubmerge-count") as counter:
             slot = 0
-            for base, thetas in pieces:
+            for key, rows, base, thetas in pieces:
                 if self._fusable(base, thetas):
                     counted()  # a bincount of an earlier piece may still be adding to counts
                     fused.magnitude_histograms(base, thetas, buckets, counts)
+                    self._check_finite(key, rows, base, thetas, computed_fused=True)
                     continue
+                self._check_finite(key, rows, base, thetas, computed_fused=False)
                 n, base32 = base.numel(), base.float()
                 for i, theta in enumerate(thetas):
                     if counting[slot] is not None:
@@ -528,9 +568,8 @@ class Engine:
         if rank == 0:
             return [None] * len(self.job.models)
 
-        def pieces(description: str) -> Iterator[tuple[torch.Tensor, list[torch.Tensor]]]:
-            for _, _, base, thetas in self._inputs(description):
-                yield base, thetas
+        def pieces(description: str) -> Iterator[Piece]:
+            return self._inputs(description)
 
         return self._radix_thresholds(rank, pieces, shared=True)
 
@@ -553,16 +592,17 @@ class Engine:
         mine: dict[str, list[float | None]] = {}
         with contextlib.closing(self._read_ahead(reads)) as stream, self._progress() as progress:
 
-            def pieces(count: int) -> Iterator[tuple[torch.Tensor, list[torch.Tensor]]]:
-                for _, _, base, thetas in itertools.islice(stream, count):
-                    yield base, thetas
+            def pieces(count: int) -> Iterator[Piece]:
+                return itertools.islice(stream, count)
 
             task = progress.add_task("per-tensor thresholds", total=len(plans))
             for key, (blocks, rank) in plans.items():
                 if rank == 0:
                     mine[key] = [None] * t
                 elif len(blocks) == 1:
-                    taus = task_vectors(*next(pieces(1)))
+                    _, rows, base, thetas = next(pieces(1))
+                    self._check_finite(key, rows, base, thetas, computed_fused=False)
+                    taus = task_vectors(base, thetas)
                     mine[key] = [tensor_threshold(tau, density) for tau in taus]
                 else:
                     mine[key] = self._radix_thresholds(
@@ -582,11 +622,13 @@ class Engine:
     def _ties_sign_count(self, description: str, stride: int = 1) -> int:
         """Σ of the elected signs over the pieces of every process (every stride-th piece of each share)."""
         count = 0
-        for key, _, base, thetas in self._inputs(description, stride=stride):
+        for key, rows, base, thetas in self._inputs(description, stride=stride):
             thresholds = self._thresholds_for(key)
             if self._fusable(base, thetas):
                 count += fused.ties(base, thetas, thresholds, majority=0, merge=None)
+                self._check_finite(key, rows, base, thetas, computed_fused=True)
                 continue
+            self._check_finite(key, rows, base, thetas, computed_fused=False)
             for _, base_span, theta_spans in self._spans(base, thetas):
                 count += sign_count(elect_sign(trim(task_vectors(base_span, theta_spans), thresholds)))
         return int(self.group.all_sum(torch.tensor([count], dtype=torch.int64)))
@@ -719,6 +761,9 @@ class Engine:
         counts = torch.tensor([self.bytes_read, stats.consensus_kept, *stats.kept], dtype=torch.int64)
         self.bytes_read, stats.consensus_kept, *kept = (int(x) for x in self.group.all_sum(counts))
         stats.kept = kept
+        shares, self.nonfinite.counts = self.group.gather(self.nonfinite.counts), {}
+        for share in shares:
+            self.nonfinite.merge(share)
         if stats.histogram is not None:
             both = self.group.all_sum(torch.stack([stats.histogram, stats.histogram_active]))
             stats.histogram, stats.histogram_active = both[0], both[1]
@@ -741,9 +786,11 @@ class Engine:
                         merged if merged.dtype == torch.float32 else self._float32_scratch(merged.numel())
                     )
                     if self._fused_piece(key, base, thetas, result, self.spec.scaling, None):
+                        self._check_finite(key, rows, base, thetas, computed_fused=True)
                         if result is not merged:
                             merged.copy_(result)
                     else:
+                        self._check_finite(key, rows, base, thetas, computed_fused=False)
                         for span, base_span, theta_spans in self._spans(base, thetas):
                             tau_mtl, _, _ = self.compute(key, base_span, theta_spans)
                             merged[span] = apply_vector(base_span, tau_mtl, self.spec.scaling)
@@ -751,7 +798,9 @@ class Engine:
 
         try:
             for key, _ in self._blocks(job.copy_keys, whole=True):
-                files.write(key, job.base.read(key))
+                copied = job.base.read(key)
+                self.nonfinite.check(key, None, [copied], job.base.infos[key].shape)
+                files.write(key, copied)
             output_pass("merge and write")
             written = files.written  # a second output pass puts its bytes in the same places again
             if self._guessed_wrong():
@@ -760,6 +809,7 @@ class Engine:
             files.close()
         self._check_complete(written, files.data_bytes, "merged weights")
         self._sum_statistics()
+        self.digests = files.digests()
         return files.files
 
     def write_artifact(self, directory: Path, max_shard_size: int | str) -> ArtifactWriter:
@@ -780,16 +830,17 @@ class Engine:
             with self._writer() as submit:
                 for key, rows, base, thetas in self._inputs("compress and write"):
                     start = first_entry(job.base.infos[key], rows)
-                    submit(writer.write, key, start, *self._compressed_piece(key, base, thetas))
+                    submit(writer.write, key, start, *self._compressed_piece(key, rows, base, thetas))
         finally:
             writer.close()
         self._check_complete(writer.written, writer.data_bytes, "compressed artifact")
         writer.assemble_values(self.group)
         self._sum_statistics()
+        self.digests = writer.digests()
         return writer
 
     def _compressed_piece(
-        self, key: str, base: torch.Tensor, thetas: list[torch.Tensor]
+        self, key: str, rows: Rows, base: torch.Tensor, thetas: list[torch.Tensor]
     ) -> tuple[torch.Tensor | None, list[torch.Tensor], list[torch.Tensor]]:
         """(τ_MTL, task masks, task vectors) of a whole piece, assembled from its spans; the task vectors
         only where each task keeps its own values."""
@@ -800,7 +851,9 @@ class Engine:
         masks = torch.empty(t, n, dtype=torch.bool, device=self.device)
         taus = torch.empty(t if self.spec.own_values else 0, n, dtype=torch.float32, device=self.device)
         if tau_mtl is not None and self._fused_piece(key, base, thetas, tau_mtl, None, masks):
+            self._check_finite(key, rows, base, thetas, computed_fused=True)
             return tau_mtl, list(masks), list(taus)
+        self._check_finite(key, rows, base, thetas, computed_fused=False)
         for span, base_span, theta_spans in self._spans(base, thetas):
             span_vector, span_masks, span_taus = self.compute(key, base_span, theta_spans)
             if tau_mtl is not None:

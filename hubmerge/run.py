@@ -6,6 +6,8 @@ import contextlib
 import dataclasses
 import datetime as dt
 import json
+import logging
+import os
 import tempfile
 import time
 from collections.abc import Iterator
@@ -15,13 +17,13 @@ from typing import Any
 
 import torch
 import yaml
+from huggingface_hub import constants as hf_constants
 
 import hubmerge
 from hubmerge import hub
 from hubmerge.artifacts import (
     FORMAT,
     FORMAT_VERSION,
-    MANIFEST,
     MASK_DIR,
     PACKING,
     RECIPE_FILE,
@@ -35,13 +37,23 @@ from hubmerge.engine import DEFAULT_BLOCK_ENTRIES, Engine, MergeJob, prepare, re
 from hubmerge.errors import HubmergeError
 from hubmerge.evaluation import Evaluator, Overlay, mean, normalized
 from hubmerge.hub import Published
+from hubmerge.integrity import record_hashes, verify_files, verify_output, write_manifest
 from hubmerge.lock import Lock
 from hubmerge.methods import METHODS
-from hubmerge.recipe import ModelEntry, PushTarget, Recipe
+from hubmerge.output import (
+    MANIFEST,
+    atomic_directory,
+    check_output_path,
+    output_lock,
+    read_manifest,
+    sibling_prefix,
+)
+from hubmerge.recipe import ModelEntry, PushTarget, Recipe, is_hub_id
 from hubmerge.search import SearchResult, overlay_of, read_overlay, run_search
 from hubmerge.sources import Checkpoint
-from hubmerge.writer import atomic_directory, check_output_path, copy_support_files
+from hubmerge.writer import copy_support_files, parse_shard_size
 
+log = logging.getLogger("hubmerge")
 MERGED_FORMAT = "hubmerge-merged"
 COUNTING_RULE = (
     "every floating-point tensor of the base selected by include/exclude (all by default), flattened in sorted "
@@ -77,7 +89,7 @@ def pinned_recipe(job: MergeJob) -> str:
         data["include"] = job.recipe.include
     if job.recipe.exclude:
         data["exclude"] = job.recipe.exclude
-    if job.recipe.output:
+    if job.recipe.output and not Path(job.recipe.output).is_absolute():  # a path of this machine: not shared
         data["output"] = job.recipe.output
     header = (
         f"# Written by hubmerge {hubmerge.__version__}: the recipe of this output, revisions pinned.\n"
@@ -131,6 +143,8 @@ def run_record(job: MergeJob, engine: Engine, seconds: float) -> dict[str, Any]:
     }
     if job.spec.consensus_k is not None:
         record["stats"]["consensus_kept"] = engine.stats.consensus_kept
+    if engine.nonfinite.counts:  # only with allow_nonfinite: otherwise the run stopped at the first one
+        record["nonfinite"] = engine.nonfinite.records()
     if compressed:
         record["vector"] = None if job.spec.own_values else {"stem": VECTOR_STEM, "dtype": "float32"}
         record["masks"] = {"dir": MASK_DIR, "packing": PACKING}
@@ -162,6 +176,7 @@ def run_recipe(
     lock: Lock | None = None,
     model_card: bool = True,
     group: Group = SINGLE,
+    allow_nonfinite: bool = False,
 ) -> RunResult:
     """Run a validated recipe end to end; the output directory appears only when everything is written.
 
@@ -169,64 +184,95 @@ def run_recipe(
     output is scored (zero-shot, fine-tuned and merged rows) before it appears. With `push.export:
     subfolders`, every task's materialized model is part of that output. As one process of `group`, this
     process streams its share of the pieces; rank 0 alone searches, scores and finishes the directory, and
-    only its result holds the record.
+    only its result holds the record. NaN/Inf weights in an input stop the run unless `allow_nonfinite`.
     """
     target = resolve_output(recipe, Path(output) if output else None)
-    check_output_path(target, overwrite)
+    inputs = recipe_inputs(recipe, origin)
+    check_output_path(target, overwrite, inputs)
+    parse_shard_size(max_shard_size)
     if recipe.push and recipe.push.export == "subfolders":
         check_subfolder_names(recipe.task_names)
     torch_device = device if isinstance(device, torch.device) else resolve_device(device)
-    job = prepare(recipe, origin, token=token, endpoint=endpoint, lock=lock)
-    record: dict[str, Any] = {}
-    try:
-        scoring = (
-            Scoring.start(job, torch_device, show_progress) if recipe.evaluation and group.is_main else None
-        )
-        search = None
-        if recipe.evaluation and recipe.search is not None:
-            if scoring is not None:
-                search = scoring.search(
-                    job, target.resolve().parent, torch_device, token=token, endpoint=endpoint
-                )
-            job = with_parameters(job, group.broadcast(search.parameters if search else None))
-        engine = Engine(
-            job,
-            torch_device,
-            block_entries=block_entries,
-            span_entries=span_entries,
-            fused_kernels=fused_kernels,
-            show_progress=show_progress,
-            group=group,
-        )
-        started = time.perf_counter()
-        with shared_staging(target, overwrite, group) as staging:
-            engine.collect_statistics()
-            if job.spec.result == "merged":
-                engine.write_merged(staging, max_shard_size)
-            else:
-                engine.write_artifact(staging, max_shard_size)
-            if group.is_main:
-                record = run_record(job, engine, time.perf_counter() - started)
-                finish_output(
-                    job, record, staging, search, scoring, max_shard_size, token, endpoint, model_card
-                )
-    finally:
-        job.close()
+    # rank 0 owns the output for the whole run, downloads included; the other ranks write into its staging
+    with output_lock(target) if group.is_main else contextlib.nullcontext():
+        job = prepare(recipe, origin, token=token, endpoint=endpoint, lock=lock)
+        record: dict[str, Any] = {}
+        try:
+            scoring = (
+                Scoring.start(job, torch_device, show_progress)
+                if recipe.evaluation and group.is_main
+                else None
+            )
+            search = None
+            if recipe.evaluation and recipe.search is not None:
+                if scoring is not None:
+                    search = scoring.search(job, target, torch_device, token=token, endpoint=endpoint)
+                job = with_parameters(job, group.broadcast(search.parameters if search else None))
+            engine = Engine(
+                job,
+                torch_device,
+                block_entries=block_entries,
+                span_entries=span_entries,
+                fused_kernels=fused_kernels,
+                show_progress=show_progress,
+                group=group,
+                allow_nonfinite=allow_nonfinite,
+            )
+            started = time.perf_counter()
+            with shared_staging(target, overwrite, inputs, group) as staging:
+                engine.collect_statistics()
+                if job.spec.result == "merged":
+                    engine.write_merged(staging, max_shard_size)
+                else:
+                    engine.write_artifact(staging, max_shard_size)
+                if group.is_main:
+                    record = run_record(job, engine, time.perf_counter() - started)
+                    finish_output(
+                        job,
+                        record,
+                        staging,
+                        search,
+                        scoring,
+                        max_shard_size,
+                        token,
+                        endpoint,
+                        model_card,
+                        engine.digests,
+                    )
+        finally:
+            job.close()
     return RunResult(output=target, record=record)
 
 
+def recipe_inputs(recipe: Recipe, origin: str) -> list[tuple[str, Path]]:
+    """(what, path) of every local path a run reads, which its output must not be, contain or lie in: the
+    recipe, local sources and evaluation files, and the Hub cache that holds the Hub sources."""
+    inputs = [("the recipe", Path(origin))] if Path(origin).is_file() else []
+    named = [("the base", recipe.base)]
+    named += [(f"model {name!r}", spec) for name, spec in zip(recipe.task_names, recipe.sources, strict=True)]
+    inputs += [(what, Path(os.path.expanduser(spec))) for what, spec in named if not is_hub_id(spec)]
+    if recipe.evaluation is not None:
+        for task, spec in recipe.evaluation.tasks.items():
+            for split, path in (spec.data_files or {}).items():
+                inputs.append((f"the {split} data of task {task!r}", Path(path)))
+    inputs.append(("the Hugging Face cache", Path(hf_constants.HF_HUB_CACHE)))
+    return inputs
+
+
 @contextlib.contextmanager
-def shared_staging(target: Path, overwrite: bool, group: Group) -> Iterator[Path]:
+def shared_staging(
+    target: Path, overwrite: bool, inputs: list[tuple[str, Path]], group: Group
+) -> Iterator[Path]:
     """`atomic_directory` for a process group: rank 0 stages, every rank writes there, rank 0 renames last."""
     if not group.is_distributed:
-        with atomic_directory(target, overwrite) as staging:
+        with atomic_directory(target, overwrite, inputs) as staging:
             yield staging
         return
     if not group.is_main:
         yield Path(group.broadcast(None))
         group.barrier()
         return
-    with atomic_directory(target, overwrite) as staging:
+    with atomic_directory(target, overwrite, inputs) as staging:
         group.broadcast(str(staging))
         yield staging
         group.barrier()  # every process has written its pieces
@@ -242,8 +288,10 @@ def finish_output(
     token: str | None,
     endpoint: str | None,
     model_card: bool,
+    digests: dict[str, str],
 ) -> None:
-    """Everything of an output besides the weights: support files, scores, record, recipe, exports, card."""
+    """Everything of an output besides the weights: support files, scores, record, recipe, exports, card;
+    the files' hashes (`digests`: those taken while the weights were written) go into the record last."""
     recipe = job.recipe
     if job.spec.result == "merged":
         copy_support_files(job.base.directory, staging)
@@ -256,6 +304,7 @@ def finish_output(
     (staging / RECIPE_FILE).write_text(pinned_recipe(job))
     if recipe.push and recipe.push.export == "subfolders":
         export_subfolders(staging, max_shard_size=max_shard_size, token=token, endpoint=endpoint)
+    record_hashes(staging, record, digests)
     if model_card:
         write_card(staging, repo_id=recipe.push.repo_id if recipe.push else None)
 
@@ -301,9 +350,10 @@ class Scoring:
         )
 
     def search(
-        self, job: MergeJob, workdir: Path, device: torch.device, *, token: str | None, endpoint: str | None
+        self, job: MergeJob, target: Path, device: torch.device, *, token: str | None, endpoint: str | None
     ) -> SearchResult:
-        """Run the recipe's search; candidate merges go to a temporary directory next to the output."""
+        """Run the recipe's search; candidate merges go to a hidden sibling of the output `target`, which the
+        next run to `target` removes if this one is killed."""
         pinned = job.recipe.model_copy(
             update={
                 "base": pinned_source(job.base),
@@ -317,8 +367,9 @@ class Scoring:
                 "push": None,
             }
         )
-        workdir.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryDirectory(prefix=".hubmerge-search-", dir=workdir) as tmp:
+        with tempfile.TemporaryDirectory(
+            prefix=sibling_prefix(target, "search"), dir=target.resolve().parent
+        ) as tmp:
             counter = iter(range(1 << 30))
 
             def run_variant(parameters: dict[str, Any]) -> Path:
@@ -391,10 +442,8 @@ def evaluate_output(
     if recipe.evaluation is None:
         raise HubmergeError(f"{origin}: has no `evaluation:` section")
     target = resolve_output(recipe, Path(output) if output else None)
-    manifest = target / MANIFEST
-    if not manifest.is_file():
-        raise HubmergeError(f"{target}: not a hubmerge output (no {MANIFEST}); run the recipe first")
-    record = json.loads(manifest.read_text())
+    record = read_manifest(target)
+    verify_files(target, record)
     job = prepare(recipe, origin, token=token, endpoint=endpoint)
     try:
         job = with_parameters(job, record["parameters"])  # score what was written, not the recipe's defaults
@@ -403,9 +452,7 @@ def evaluate_output(
         )
     finally:
         job.close()
-    staged = manifest.with_name(f".{MANIFEST}.tmp")
-    staged.write_text(json.dumps(record, indent=2) + "\n")
-    staged.replace(manifest)
+    write_manifest(target, record)
     write_card(target)
     return record["evaluation"]
 
@@ -440,19 +487,32 @@ def export_subfolders(
     merge = CompressedMerge.from_pretrained(directory, token=token, endpoint=endpoint)
     check_subfolder_names(merge.tasks)
     for task in merge.tasks:
-        merge.save_task(task, directory / task, overwrite=True, max_shard_size=max_shard_size)
+        merge.export_task(task, max_shard_size=max_shard_size)
     return merge.tasks
 
 
 def publish_output(
     directory: Path, target: PushTarget, *, token: str | None = None, endpoint: str | None = None
 ) -> Published:
-    """Push a finished output directory to a Hub repo, with its card written for that repo."""
-    if not (directory / MANIFEST).is_file():
-        raise HubmergeError(f"{directory}: not a hubmerge output (no {MANIFEST}); run a recipe first")
+    """Push a finished output directory to a Hub repo, with its card written for that repo.
+
+    Every file is checked against the hashes of the run record first: a damaged output is not published.
+    """
+    record = read_manifest(directory)
+    if "files" in record:
+        verify_output(directory)
+    else:
+        log.warning("%s: written by an older hubmerge, its files have no recorded hashes to check", directory)
+    if record["result"] == "compressed" and not record["base"].get("revision"):
+        log.warning(
+            "the base of this artifact is a local path (%s): others cannot rebuild its tasks; "
+            "merge from a Hub base to publish an artifact anyone can use",
+            record["base"]["source"],
+        )
     if target.export == "subfolders":
-        if json.loads((directory / MANIFEST).read_text())["result"] != "compressed":
+        if record["result"] != "compressed":
             raise HubmergeError(f"{directory}: --export subfolders applies to compressed artifacts only")
         export_subfolders(directory, token=token, endpoint=endpoint)
+        record_hashes(directory, record)  # the exported task folders are part of the output now
     write_card(directory, repo_id=target.repo_id)
     return hub.publish(directory, target, token=token, endpoint=endpoint)

@@ -1,4 +1,4 @@
-"""Streaming safetensors output and all-or-nothing output directories.
+"""Streaming safetensors output: headers first, then each piece at its final position.
 
 The safetensors library writes a file from a complete state dict. A merge produces one piece of one tensor at a
 time, and every shape and dtype is known before the first tensor is read, so the header is written up front and
@@ -8,23 +8,42 @@ pieces may come in any order, from a writer thread or from several processes.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import shutil
 import struct
-import tempfile
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from huggingface_hub import split_state_dict_into_shards_factory
+from huggingface_hub.serialization._base import parse_size_to_int
 
 from hubmerge.errors import HubmergeError
+from hubmerge.integrity import InOrderHash
 from hubmerge.sources import SAFETENSORS_DTYPES, support_files
 
 DTYPE_NAMES = {dtype: name for name, dtype in SAFETENSORS_DTYPES.items()}
+
+
+def parse_shard_size(value: int | str, option: str = "--max-shard-size") -> int:
+    """A shard limit as bytes: an int, or a size such as 5GB or 500MB (huggingface_hub's units).
+
+    Raises:
+        HubmergeError: naming `option`, for anything else, before any work starts.
+    """
+    if isinstance(value, int) and not isinstance(value, bool):
+        size = value
+    else:
+        try:
+            size = parse_size_to_int(str(value))
+        except ValueError:
+            raise HubmergeError(
+                f"{option} {value}: not a size; write a number and a unit, e.g. 5GB, 500MB, 100KB or 1TB"
+            ) from None
+    if size <= 0:
+        raise HubmergeError(f"{option} {value}: must be larger than zero")
+    return size
 
 
 @dataclass(frozen=True)
@@ -86,6 +105,7 @@ class SafetensorsFile:
         self.size = offset
         self.written = 0  # bytes this process put in the file
         self._fd: int | None = None
+        self._hash = InOrderHash(self.size, self._header)
 
     def create(self) -> None:
         """Write the header and extend the file to its full size (one process, before any `write`)."""
@@ -105,11 +125,19 @@ class SafetensorsFile:
         if position + len(data) > slot.nbytes:
             raise RuntimeError(f"{self.path.name}: too many bytes for {key}")
         if self._fd is None:
-            self._fd = os.open(self.path, os.O_WRONLY)
+            self._fd = os.open(
+                self.path, os.O_RDWR
+            )  # readable: the running hash reads back bytes written ahead
         offset, done = self._offsets[key] + position, 0
         while done < len(data):
             done += os.pwrite(self._fd, data[done:], offset + done)
+        self._hash.wrote(self._fd, offset, data)
         self.written += len(data)
+
+    @property
+    def sha256(self) -> str | None:
+        """The file's SHA-256 if this process wrote every byte of it once, in any order (else None)."""
+        return self._hash.hexdigest()
 
     @property
     def data_bytes(self) -> int:
@@ -172,6 +200,10 @@ class ShardedFiles:
     @property
     def written(self) -> int:
         return sum(file.written for file in self._files.values())
+
+    def digests(self) -> dict[str, str]:
+        """{file name: SHA-256} of the files hashed while written (see `SafetensorsFile.sha256`)."""
+        return {name: digest for name, file in self._files.items() if (digest := file.sha256)}
 
     @property
     def data_bytes(self) -> int:
@@ -260,42 +292,6 @@ def assemble_spooled(
                 handle.close()
     for spool in spools.values():
         spool.unlink()
-
-
-def check_output_path(target: Path, overwrite: bool) -> None:
-    """Refuse an output that is a file, or a non-empty directory without `overwrite`, before any work."""
-    if target.is_file() or (target.exists() and not target.is_dir()):
-        raise HubmergeError(f"output path {target} is a file, not a directory")
-    if target.is_dir() and any(target.iterdir()) and not overwrite:
-        raise HubmergeError(f"output directory {target} is not empty (pass --overwrite to replace it)")
-    parent = target.resolve().parent
-    if parent.exists() and not parent.is_dir():
-        raise HubmergeError(f"output path {target}: parent {parent} is not a directory")
-
-
-@contextlib.contextmanager
-def atomic_directory(target: Path, overwrite: bool) -> Iterator[Path]:
-    """Yield a temporary sibling directory that replaces `target` only when the block completes.
-
-    An interrupted or failed run leaves `target` as it was (absent, or the previous output).
-    """
-    check_output_path(target, overwrite)
-    target = target.resolve()
-    target.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.partial-", dir=target.parent))
-    try:
-        yield staging
-        os.chmod(staging, 0o755)  # mkdtemp creates 0700; outputs are ordinary directories
-        if target.exists():
-            retired = Path(tempfile.mkdtemp(prefix=f".{target.name}.old-", dir=target.parent))
-            os.rename(target, retired / "previous")
-            os.rename(staging, target)
-            shutil.rmtree(retired, ignore_errors=True)
-        else:
-            os.rename(staging, target)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
 
 
 def copy_support_files(source: Path | None, destination: Path) -> None:

@@ -373,8 +373,9 @@ def test_output_dir_not_empty_without_overwrite(ws: Workspace) -> None:
 
 
 def test_output_dir_replaced_with_overwrite(ws: Workspace) -> None:
+    """--overwrite replaces a previous hubmerge output whole (tests/test_output_safety.py: nothing else)."""
     ws.write()
-    ws.output.mkdir()
+    assert ws.run().exit_code == 0
     (ws.output / "keep.txt").write_text("old")
     result = ws.run("--overwrite")
     assert result.exit_code == 0, result.output
@@ -459,7 +460,11 @@ def test_materialize_from_a_merged_model(ws: Workspace) -> None:
     ws.write(method="task_arithmetic")
     assert ws.run().exit_code == 0
     target = ws.root / "task_model"
-    assert_refused(invoke("materialize", ws.output, "--task", "a", "--output", target), "hubmerge.json")
+    assert_refused(
+        invoke("materialize", ws.output, "--task", "a", "--output", target),
+        "is a merged model (task_arithmetic), not a compressed artifact",
+        "AutoModel.from_pretrained",
+    )
     assert not target.exists()
 
 

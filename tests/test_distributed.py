@@ -195,3 +195,26 @@ def test_prefetching_engine_equals_the_plain_engine(case, models, tmp_path):
         job.close()
         written[prefetch] = (files_of(directory), engine.stats.as_dict(), engine.bytes_read)
     assert written[True] == written[False]
+
+
+def test_two_processes_record_the_nonfinite_counts_of_both(models, tmp_path):
+    """Each process counts the NaN/Inf entries of its own pieces; rank 0's record holds the sum of both."""
+    damaged = dict(models)
+    state = load_file(models[TASKS[1]])
+    first, last = sorted(k for k, v in state.items() if v.is_floating_point() and v.dim() == 2)[::-1][:2]
+    state[first].view(-1)[:3] = float("nan")
+    state[last].view(-1)[-2:] = float("inf")
+    damaged[TASKS[1]] = tmp_path / "damaged.safetensors"
+    save_file(state, damaged[TASKS[1]])
+    recipe = tmp_path / "ta.yaml"
+    recipe.write_text(json.dumps(recipe_of(damaged, "task_arithmetic")))
+
+    refused = hubmerge_cli("run", str(recipe), "-o", str(tmp_path / "refused"), "-q")
+    done = hubmerge_cli(
+        "run", str(recipe), "-o", str(tmp_path / "multi"), "--num-processes", "2", "-q", "--allow-nonfinite"
+    )
+
+    assert refused.returncode == 2 and "NaN/Inf" in refused.stderr
+    assert done.returncode == 0, done.stderr[-4000:]
+    record = json.loads((tmp_path / "multi" / "hubmerge.json").read_text())
+    assert sorted((r["tensor"], r["count"]) for r in record["nonfinite"]) == sorted([(first, 3), (last, 2)])

@@ -150,6 +150,30 @@ def test_tall_matches_masks_statistics_and_consensus(n, dtypes, given_vector, k)
         assert int(counts[11]) == kept
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_kernels_count_the_nonfinite_inputs_they_load(dtype):
+    """Every kernel reports the NaN/±Inf entries of the inputs it loaded; `nonfinite_count` counts a piece."""
+    n = 300_001  # split across threads
+    base = torch.randn(n).to(dtype)
+    thetas = [torch.randn(n).to(dtype) for _ in range(3)]
+    base[7], thetas[0][200_000], thetas[2][n - 1] = float("nan"), float("inf"), float("-inf")
+    thetas[1][5] = float("nan")
+    out = torch.empty(n)
+    fused.take_nonfinite()
+    fused.task_arithmetic(base, thetas, out)
+    assert fused.take_nonfinite() == 4 and fused.take_nonfinite() == 0
+    fused.magnitude_histograms(base, thetas, None, torch.zeros(3, 1 << 16, dtype=torch.int64))
+    assert fused.take_nonfinite() == 4
+    fused.tall(base, thetas, [0.4] * 3)
+    assert fused.take_nonfinite() >= 4  # loads the task vectors twice without a given τ_MTL
+    fused.ties(base, thetas, [None] * 3, 0, "mean", out)
+    assert fused.take_nonfinite() == 4
+    assert [fused.nonfinite_count(x) for x in (base, *thetas)] == [1, 1, 1, 1]
+    clean = [torch.randn(n).to(dtype) for _ in range(2)]
+    fused.task_arithmetic(clean[0], clean[1:], out)
+    assert fused.take_nonfinite() == 0 and fused.nonfinite_count(clean[0]) == 0
+
+
 def test_tall_writes_in_place_over_its_vector():
     base, thetas = pieces(1300, 3, [torch.bfloat16], seed=5)
     tau_mtl = torch.linspace(-1, 1, 1300)
@@ -238,7 +262,14 @@ def test_engine_output_is_the_same_with_and_without_the_kernels(tmp_path, method
     outputs = {}
     for kernels in (True, False):
         out = tmp_path / f"out-{kernels}"
-        result = run_recipe(recipe, output=out, block_entries=64, fused_kernels=kernels, model_card=False)
+        result = run_recipe(
+            recipe,
+            output=out,
+            block_entries=64,
+            fused_kernels=kernels,
+            model_card=False,
+            allow_nonfinite=True,
+        )
         files = {
             str(p.relative_to(out)): p.read_bytes()
             for p in sorted(out.rglob("*"))
@@ -250,6 +281,9 @@ def test_engine_output_is_the_same_with_and_without_the_kernels(tmp_path, method
     for name, content in outputs[True][0].items():
         assert content == outputs[False][0][name], name
     assert outputs[True][1] == outputs[False][1]
+    assert [(r["model"], r["tensor"], r["count"]) for r in outputs[True][1]["nonfinite"]] == [
+        (f"t{i}", "a.weight", 2) for i in range(3)
+    ]
 
 
 def test_the_cache_directory_needs_no_home_when_it_is_named(tmp_path, monkeypatch):

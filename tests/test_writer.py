@@ -4,27 +4,26 @@ from __future__ import annotations
 
 import json
 import signal
-import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 from hubmerge import parse_recipe, run_recipe
 from hubmerge.engine import Engine
 from hubmerge.errors import HubmergeError
+from hubmerge.output import atomic_directory
 from hubmerge.writer import (
     SafetensorsFile,
     ShardedFiles,
     Slot,
     ValueSpool,
     assemble_spooled,
-    atomic_directory,
 )
 from tests.golden import recipe
+from tests.processes import long_ties_recipe, start_when_staging
 
 
 def test_file_written_in_pieces_in_any_order_loads_with_safetensors(tmp_path):
@@ -102,13 +101,13 @@ def test_atomic_directory_leaves_nothing_on_failure_and_keeps_the_previous_outpu
         raise ValueError("crash")
     assert list(tmp_path.iterdir()) == []
     with atomic_directory(target, overwrite=False) as staging:
-        (staging / "first").write_text("1")
+        (staging / "hubmerge.json").write_text('{"format": "hubmerge-merged"}')
     with pytest.raises(ValueError), atomic_directory(target, overwrite=True) as staging:
         (staging / "second").write_text("2")
         raise ValueError("crash")
     assert [p.name for p in tmp_path.iterdir()] == ["out"]
-    assert [p.name for p in target.iterdir()] == ["first"]
-    with pytest.raises(HubmergeError, match="not empty"), atomic_directory(target, overwrite=False):
+    assert [p.name for p in target.iterdir()] == ["hubmerge.json"]
+    with pytest.raises(HubmergeError, match="previous hubmerge output"), atomic_directory(target, False):
         pass
 
 
@@ -130,27 +129,10 @@ def test_run_interrupted_mid_stream_writes_nothing(tmp_path, monkeypatch):
 
 
 def test_sigterm_during_a_run_leaves_no_staging_directory(tmp_path):
-    generator = torch.Generator().manual_seed(0)
-    base = torch.randn(4096, 4096, generator=generator)
-    paths = []
-    for name in ("base", "a", "b"):
-        weights = base if name == "base" else base + 0.01 * torch.randn(4096, 4096, generator=generator)
-        paths.append(tmp_path / f"{name}.safetensors")
-        save_file({"w": weights}, paths[-1])
-    recipe_file = tmp_path / "ties.yaml"
-    recipe_file.write_text(
-        json.dumps(
-            {"version": 1, "base": str(paths[0]), "models": [str(p) for p in paths[1:]], "method": "ties"}
-        )
-    )
+    recipe_file = long_ties_recipe(tmp_path)
     hubmerge = Path(sys.executable).with_name("hubmerge")
-    process = subprocess.Popen([str(hubmerge), "run", str(recipe_file), "-o", str(tmp_path / "out"), "-q"])
-    deadline = time.monotonic() + 120
-    while (
-        not list(tmp_path.glob(".out.partial-*")) and process.poll() is None and time.monotonic() < deadline
-    ):
-        time.sleep(0.01)
-    assert process.poll() is None, "the run ended before it could be interrupted"
+    command = [str(hubmerge), "run", str(recipe_file), "-o", str(tmp_path / "out"), "-q"]
+    process = start_when_staging(command, tmp_path)
 
     process.send_signal(signal.SIGTERM)
 

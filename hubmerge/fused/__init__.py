@@ -18,6 +18,7 @@ import platform
 import shutil
 import subprocess
 import tempfile
+import threading
 import warnings
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -46,6 +47,8 @@ _SIGNATURES = {
         None,
         [*_PIECES, _pointer, _pointer, _int32, _pointer, _int64, _int32, _float, _pointer, _pointer],
     ),
+    "hm_nonfinite": (_int64, [_pointer, _int32, _int64, _int64]),
+    "hm_take_nonfinite": (_int64, []),
 }
 
 
@@ -131,14 +134,37 @@ def _threads() -> ThreadPoolExecutor:
     return ThreadPoolExecutor(torch.get_num_threads(), thread_name_prefix="hubmerge-fused")
 
 
+_nonfinite_seen = 0
+_nonfinite_lock = threading.Lock()
+
+
 def _split(n: int, call: Callable[[int, int, int], object]) -> list:
     """call(part, start, end) over torch.get_num_threads() contiguous parts of [0, n), in parallel."""
     parts = max(1, min(torch.get_num_threads(), n // 65536))
     bounds = [n * p // parts for p in range(parts + 1)]
+
+    def counted(part: int, start: int, end: int) -> object:
+        result = call(part, start, end)
+        seen = library().hm_take_nonfinite()  # the kernel's count lives in the thread that ran it
+        if seen:
+            global _nonfinite_seen
+            with _nonfinite_lock:
+                _nonfinite_seen += seen
+        return result
+
     if parts == 1:
-        return [call(0, 0, n)]
-    futures = [_threads().submit(call, p, bounds[p], bounds[p + 1]) for p in range(parts)]
+        return [counted(0, 0, n)]
+    futures = [_threads().submit(counted, p, bounds[p], bounds[p + 1]) for p in range(parts)]
     return [f.result() for f in futures]
+
+
+def take_nonfinite() -> int:
+    """NaN/±Inf input entries the kernels met since the last call (an entry read by several kernels counts
+    once for each): whether the inputs of the pieces computed meanwhile hold any."""
+    global _nonfinite_seen
+    with _nonfinite_lock:
+        seen, _nonfinite_seen = _nonfinite_seen, 0
+    return seen
 
 
 def _inputs(base: torch.Tensor, thetas: Sequence[torch.Tensor]) -> tuple:
@@ -278,3 +304,9 @@ def task_arithmetic(
         library().hm_sum(*args, start, end, scaling is not None, scaling or 0.0, _at(out, start))
 
     _split(base.numel(), run)
+
+
+def nonfinite_count(piece: torch.Tensor) -> int:
+    """Entries of a contiguous CPU piece (`supports`) that are NaN or ±Inf, in one thread: the engine counts
+    on its reader thread, beside the computing ones."""
+    return library().hm_nonfinite(piece.data_ptr(), DTYPE_CODES[piece.dtype], 0, piece.numel())

@@ -33,17 +33,37 @@ static inline float half_to_float(uint16_t h) {
     return from_bits(sign | ((exponent + 112) << 23) | (mantissa << 13));
 }
 
+/* NaN/±Inf entries that `load` met on this thread since the last hm_take_nonfinite: every kernel loads every
+ * input entry, so the engine learns whether a piece holds one without a pass of its own. */
+static _Thread_local int64_t nonfinite_loaded = 0;
+
 /* entries [start, start + count) of a flat piece of `dtype`, as float32 */
 static void load(const void *src, int32_t dtype, int64_t start, int64_t count, float *out) {
+    int64_t nonfinite = 0;
     if (dtype == F32) {
         memcpy(out, (const float *)src + start, (size_t)count * 4);
+        const uint32_t *s = (const uint32_t *)src + start;
+        for (int64_t i = 0; i < count; i++) nonfinite += (s[i] & 0x7f800000u) == 0x7f800000u;
     } else if (dtype == BF16) {
         const uint16_t *s = (const uint16_t *)src + start;
-        for (int64_t i = 0; i < count; i++) out[i] = from_bits((uint32_t)s[i] << 16);
+        for (int64_t i = 0; i < count; i++) {
+            out[i] = from_bits((uint32_t)s[i] << 16);
+            nonfinite += (s[i] & 0x7f80) == 0x7f80;
+        }
     } else {
         const uint16_t *s = (const uint16_t *)src + start;
-        for (int64_t i = 0; i < count; i++) out[i] = half_to_float(s[i]);
+        for (int64_t i = 0; i < count; i++) {
+            out[i] = half_to_float(s[i]);
+            nonfinite += (s[i] & 0x7c00) == 0x7c00;
+        }
     }
+    nonfinite_loaded += nonfinite;
+}
+
+int64_t hm_take_nonfinite(void) {
+    int64_t taken = nonfinite_loaded;
+    nonfinite_loaded = 0;
+    return taken;
 }
 
 static inline float maximum(float a, float b) { /* torch.maximum: NaN wins */
@@ -249,4 +269,18 @@ void hm_sum(const void *base, int32_t base_dtype, const void *const *thetas, con
         }
         for (int64_t i = 0; i < count; i++) out[at - start + i] = apply ? b[i] + total[i] * scaling : total[i];
     }
+}
+
+/* Entries of [start, end) of a flat piece that are NaN or ±Inf: every exponent bit set. */
+int64_t hm_nonfinite(const void *src, int32_t dtype, int64_t start, int64_t end) {
+    int64_t count = 0;
+    if (dtype == F32) {
+        const uint32_t *s = (const uint32_t *)src;
+        for (int64_t i = start; i < end; i++) count += (s[i] & 0x7f800000u) == 0x7f800000u;
+    } else {
+        const uint16_t *s = (const uint16_t *)src;
+        const uint16_t exponent = dtype == BF16 ? 0x7f80 : 0x7c00;
+        for (int64_t i = start; i < end; i++) count += (s[i] & exponent) == exponent;
+    }
+    return count;
 }

@@ -1,0 +1,322 @@
+"""Where outputs go, so that no run deletes, replaces or leaves behind anything it did not write.
+
+- `check_output_path` refuses, before any work, an output that is the current directory or one of its
+  ancestors, that is, contains or lies inside an input, or that holds anything but a hubmerge output (which
+  alone `--overwrite` replaces); it also checks that the parent can be written.
+- `output_lock` makes one run at a time own an output path (an flock on `.NAME.lock` beside it), so a
+  second run to the same output fails at once, naming the first one's pid.
+- `atomic_directory` stages the output in a hidden sibling named with the owner's pid, removes the staging
+  siblings that killed runs left (their owner process is gone), and renames the result into place last,
+  refusing to replace what appeared meanwhile without `--overwrite`.
+- `read_manifest` is the one reader of an output's `hubmerge.json`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime as dt
+import errno
+import fcntl
+import json
+import logging
+import os
+import shutil
+import tempfile
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from hubmerge.errors import HubmergeError
+
+MANIFEST = "hubmerge.json"
+MANIFEST_FORMATS = ("hubmerge-compressed", "hubmerge-merged", "hubmerge-task")
+# Hidden siblings of an output `NAME`: `.NAME.<kind>-<pid>-<random>`, the pid telling whether a run owns it.
+SIBLING_KINDS = ("partial", "old", "search")
+
+log = logging.getLogger("hubmerge")
+
+
+def read_manifest(directory: Path) -> dict[str, Any]:
+    """The run record of an output directory, checked to be one that hubmerge wrote.
+
+    Raises:
+        HubmergeError: naming the directory, when hubmerge.json is missing, unreadable or not hubmerge's.
+    """
+    path = Path(directory) / MANIFEST
+    if not Path(directory).is_dir():
+        raise HubmergeError(f"{directory}: no such output directory")
+    if not path.is_file():
+        raise HubmergeError(f"{directory}: not a hubmerge output (no {MANIFEST})")
+    try:
+        record = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise HubmergeError(f"{path}: unreadable run record ({err}); the output is damaged") from None
+    if not isinstance(record, dict) or record.get("format") not in MANIFEST_FORMATS:
+        raise HubmergeError(f"{path}: not a hubmerge run record (no format {' or '.join(MANIFEST_FORMATS)})")
+    return record
+
+
+def is_hubmerge_output(directory: Path) -> bool:
+    try:
+        read_manifest(directory)
+    except HubmergeError:
+        return False
+    return True
+
+
+@dataclass(frozen=True)
+class OutputState:
+    """What a run will do to its output path, for the plan of a dry run."""
+
+    path: Path
+    replaces: bool  # an existing hubmerge output is replaced (--overwrite)
+    exists: bool
+
+    def describe(self) -> str:
+        if self.replaces:
+            return f"{self.path} (exists: a hubmerge output, replaced when the run completes)"
+        if self.exists:
+            return f"{self.path} (exists, empty)"
+        return f"{self.path} (new)"
+
+
+def _within(path: Path, ancestor: Path) -> bool:
+    return path == ancestor or ancestor in path.parents
+
+
+def check_output_path(target: Path, overwrite: bool, inputs: Iterable[tuple[str, Path]] = ()) -> OutputState:
+    """Refuse an output path that would destroy or mix with what hubmerge did not write, before any work.
+
+    Args:
+        target: the output directory as given.
+        overwrite: whether an existing hubmerge output there may be replaced.
+        inputs: (what, path) of every local input (models, artifacts, caches): the output may be none of
+            them, contain none of them and lie inside none of them.
+
+    Returns:
+        Whether the output exists and will be replaced.
+    """
+    target = Path(target)
+    if target.exists() and not target.is_dir():
+        raise HubmergeError(f"output path {target} is a file, not a directory")
+    resolved = target.resolve()
+    cwd = Path.cwd().resolve()
+    if _within(cwd, resolved):
+        what = "the current directory" if resolved == cwd else f"an ancestor of the current directory ({cwd})"
+        raise HubmergeError(f"output {target} is {what}; write the output to a new directory, e.g. out/merge")
+    for what, path in inputs:
+        source = Path(path).resolve()
+        if _within(source, resolved):
+            how = "is" if source == resolved else "contains"
+            raise HubmergeError(f"output {target} {how} {what} ({source}); choose another output directory")
+        if _within(resolved, source):
+            raise HubmergeError(
+                f"output {target} lies inside {what} ({source}); choose another output directory"
+            )
+    exists = target.is_dir()
+    replaces = False
+    if exists and any(target.iterdir()):
+        if not is_hubmerge_output(target):
+            raise HubmergeError(
+                f"output directory {target} is not empty and holds no hubmerge output (no valid {MANIFEST}); "
+                "--overwrite replaces only a previous hubmerge output: choose another directory"
+            )
+        if not overwrite:
+            raise HubmergeError(
+                f"output directory {target} holds a previous hubmerge output (pass --overwrite to replace it)"
+            )
+        replaces = True
+    _check_writable(target, resolved.parent)
+    return OutputState(target, replaces, exists)
+
+
+def _check_writable(target: Path, parent: Path) -> None:
+    """The nearest existing ancestor of the output's parent must be a writable directory."""
+    existing = parent
+    while not existing.exists():
+        existing = existing.parent
+    if not existing.is_dir():
+        raise HubmergeError(f"output path {target}: {existing} is not a directory")
+    if os.statvfs(existing).f_flag & os.ST_RDONLY:
+        raise HubmergeError(f"output path {target}: {existing} is on a read-only file system")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise HubmergeError(f"output path {target}: no permission to write in {existing}")
+
+
+_held_locks: dict[Path, int] = {}
+
+
+def _make_parents(directory: Path) -> list[Path]:
+    """Create `directory` and its missing ancestors; the ones created, deepest first."""
+    created = []
+    while not directory.exists():
+        created.append(directory)
+        directory = directory.parent
+    for path in reversed(created):
+        path.mkdir(exist_ok=True)
+    return created
+
+
+@contextlib.contextmanager
+def output_lock(target: Path) -> Iterator[None]:
+    """Own the output path `target` for the block: a second run fails at once, naming this one's pid.
+
+    An flock on `.NAME.lock` beside the output: the kernel releases it when the process dies, however it
+    dies. Re-entrant within one process. Parent folders created for the lock are removed again when the
+    block fails and they are still empty.
+    """
+    target = Path(target).resolve()
+    if target in _held_locks:
+        yield
+        return
+    created = _make_parents(target.parent)
+    path = target.parent / f".{target.name}.lock"
+    fd = _acquire(path, target)
+    _held_locks[target] = fd
+    try:
+        yield
+    except BaseException:
+        _release(path, fd, target)
+        for directory in created:
+            with contextlib.suppress(OSError):
+                directory.rmdir()
+        raise
+    _release(path, fd, target)
+
+
+def _acquire(path: Path, target: Path) -> int:
+    while True:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            owner = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
+            os.close(fd)
+            raise HubmergeError(
+                f"output {target} is being written by another hubmerge run (pid {owner}); "
+                "wait for it to finish or choose another --output"
+            ) from None
+        # The previous owner may have unlinked the file between our open and flock: lock the current one.
+        try:
+            same = os.fstat(fd).st_ino == os.stat(path).st_ino
+        except FileNotFoundError:
+            same = False
+        if same:
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+            return fd
+        os.close(fd)
+
+
+def _release(path: Path, fd: int, target: Path) -> None:
+    del _held_locks[target]
+    with contextlib.suppress(FileNotFoundError):
+        path.unlink()
+    os.close(fd)
+
+
+def sibling_prefix(target: Path, kind: str) -> str:
+    """`.NAME.<kind>-<pid>-`: a hidden sibling of the output that this process owns."""
+    return f".{Path(target).name}.{kind}-{os.getpid()}-"
+
+
+def _owner_alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # another user's process
+    return True
+
+
+def _disk_usage(path: Path) -> int:
+    # st_blocks, not st_size: staged weight files are created at full size and filled in place (sparse).
+    total = 0
+    for root, _, files in os.walk(path):
+        for name in files:
+            with contextlib.suppress(OSError):
+                total += os.lstat(os.path.join(root, name)).st_blocks * 512
+    return total
+
+
+def remove_stale_siblings(target: Path) -> tuple[int, int]:
+    """Remove the staging, retired and search siblings of `target` whose owner process is gone.
+
+    Returns:
+        (directories removed, bytes of disk they used).
+    """
+    target = Path(target).resolve()
+    removed = freed = 0
+    if not target.parent.is_dir():
+        return removed, freed
+    for kind in SIBLING_KINDS:
+        for path in target.parent.glob(f".{target.name}.{kind}-*"):
+            pid = path.name.removeprefix(f".{target.name}.{kind}-").split("-", 1)[0]
+            if not pid.isdigit() or _owner_alive(int(pid)) or not path.is_dir():
+                continue
+            freed += _disk_usage(path)
+            shutil.rmtree(path, ignore_errors=True)
+            removed += 1
+    if removed:
+        log.warning(
+            "removed %d staging director%s of %s left by interrupted runs (%.1f MB)",
+            removed,
+            "y" if removed == 1 else "ies",
+            target,
+            freed / 1e6,
+        )
+    return removed, freed
+
+
+@contextlib.contextmanager
+def atomic_directory(
+    target: Path, overwrite: bool, inputs: Iterable[tuple[str, Path]] = ()
+) -> Iterator[Path]:
+    """Yield a hidden sibling directory that becomes `target` only when the block completes.
+
+    An interrupted or failed run leaves `target` as it was (absent, or the previous output). The path is
+    checked (see `check_output_path`) and locked for the block; at the end, a `target` that appeared
+    meanwhile is replaced only with `overwrite` and only if it is a hubmerge output; otherwise the complete
+    result is kept beside it under a visible name and the error says where.
+    """
+    check_output_path(target, overwrite, inputs)
+    target = Path(target).resolve()
+    with output_lock(target):
+        remove_stale_siblings(target)
+        staging = Path(tempfile.mkdtemp(prefix=sibling_prefix(target, "partial"), dir=target.parent))
+        try:
+            yield staging
+            os.chmod(staging, 0o755)  # mkdtemp creates 0700; outputs are ordinary directories
+            _put_in_place(staging, target, overwrite)
+        except BaseException:
+            shutil.rmtree(staging, ignore_errors=True)
+            raise
+
+
+def _put_in_place(staging: Path, target: Path, overwrite: bool) -> None:
+    if target.exists() and (not target.is_dir() or any(target.iterdir())):
+        if not overwrite or not is_hubmerge_output(target):
+            kept = target.with_name(f"{target.name}.hubmerge-{dt.datetime.now():%Y%m%d-%H%M%S}-{os.getpid()}")
+            os.rename(staging, kept)
+            why = "" if not overwrite else " and is not a hubmerge output"
+            raise HubmergeError(
+                f"output {target} appeared while this run was writing{why}; nothing was replaced, "
+                f"the complete result is in {kept}"
+            )
+        retired = Path(tempfile.mkdtemp(prefix=sibling_prefix(target, "old"), dir=target.parent))
+        os.rename(target, retired / "previous")
+        os.rename(staging, target)
+        shutil.rmtree(retired, ignore_errors=True)
+        return
+    if target.is_dir():
+        target.rmdir()  # an empty directory: rename cannot replace it atomically anyway
+    try:
+        os.rename(staging, target)
+    except OSError as err:
+        if err.errno not in (errno.ENOTEMPTY, errno.EEXIST):
+            raise
+        _put_in_place(staging, target, overwrite)  # filled in the instant between the check and the rename
