@@ -10,6 +10,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import httpx2
 from huggingface_hub import HfApi, snapshot_download
@@ -65,33 +66,66 @@ def allow_patterns(weights: str) -> list[str]:
     return [*WEIGHT_PATTERNS[weights], *SUPPORT_FILES, CARD_FILE]
 
 
+class SourceError(HubmergeError):
+    """A recipe source that cannot be located, with what a list of several such sources shows of it.
+
+    The message is the one-line error for this source alone; `reason` is what follows the source in a list
+    (`./a (no such file or directory)`), and `hints`, the advice shared by sources with this problem, are said
+    once after the list.
+    """
+
+    def __init__(self, message: str, spec: str, reason: str, *, missing: bool, hints: tuple[str, ...] = ()):
+        super().__init__(message)
+        self.spec, self.reason, self.missing, self.hints = spec, reason, missing, hints
+
+
+PRIVATE_HINT = "a private Hub repository needs HF_TOKEN or `hf auth login`"
+
+
+def relative_hint() -> str:
+    """Where a relative local path is looked for: users often expect the recipe's directory."""
+    return f"relative paths are relative to the current directory, {Path.cwd()}"
+
+
 @contextmanager
 def hub_errors(spec: str, endpoint: str | None = None) -> Iterator[None]:
-    """Turn huggingface_hub's exceptions into one-line errors naming `spec`."""
+    """Turn huggingface_hub's exceptions into one-line errors naming `spec`.
+
+    Problems of this source are `SourceError`s; a Hub that cannot be reached is a plain `HubmergeError`, as it
+    concerns every Hub source alike.
+    """
     repo_id, revision = split_revision(spec)
+
+    def fail(
+        reason: str, *, missing: bool = False, hints: tuple[str, ...] = (), detail: str = ""
+    ) -> SourceError:
+        return SourceError(f"{spec}: {reason}{detail}", spec, reason, missing=missing, hints=hints)
+
     try:
         yield
     except hf_errors.GatedRepoError:
-        raise HubmergeError(f"{spec}: gated repository: accept its terms on the Hub, then log in") from None
+        raise fail("gated repository: accept its terms on the Hub, then log in") from None
     except hf_errors.RevisionNotFoundError:
-        raise HubmergeError(f"{spec}: revision {revision!r} not found in {repo_id}") from None
+        raise fail(f"revision {revision!r} not found in {repo_id}", missing=True) from None
     except hf_errors.RepositoryNotFoundError:
-        raise HubmergeError(
-            f"{spec}: no such local path, and no such Hub repository "
-            "(or it is private: set HF_TOKEN or run `hf auth login`)"
+        raise fail(
+            "no such local path, and no such Hub repository",
+            missing=True,
+            hints=(PRIVATE_HINT, relative_hint()),
+            detail=f" (or it is private: set HF_TOKEN or run `hf auth login`; {relative_hint()})",
         ) from None
     except hf_errors.LocalEntryNotFoundError:
-        raise HubmergeError(
-            f"{spec}: no such local path, and the Hub repository is not in the local cache while the Hub "
-            "cannot be reached (connect, or download it first; HF_HUB_OFFLINE=1 reads only the cache)"
+        raise fail(
+            "no such local path, and the Hub repository is not in the local cache while the Hub cannot be "
+            "reached",
+            missing=True,
+            detail=" (connect, or download it first; HF_HUB_OFFLINE=1 reads only the cache)",
         ) from None
     except hf_errors.HfHubHTTPError as err:
         status = err.response.status_code if err.response is not None else None
         if status in (401, 403):
-            raise HubmergeError(
-                f"{spec}: not authorised ({status}): check HF_TOKEN or `hf auth login`"
-            ) from None
-        raise HubmergeError(f"{spec}: Hub error: {_first_line(err)}") from None
+            raise fail(f"not authorised ({status}): check HF_TOKEN or `hf auth login`") from None
+        raise fail(f"Hub error: {_first_line(err)}") from None
     except httpx2.TransportError as err:
         raise HubmergeError(
             f"{spec}: cannot reach the Hub at {endpoint or hf_constants.ENDPOINT} ({err}); to use only "
@@ -119,7 +153,8 @@ def resolve(spec: str, *, token: str | None = None, endpoint: str | None = None)
     elif any(n.endswith(".bin") for n in names):
         weights = "bin"
     else:
-        raise HubmergeError(f"{spec}: the repository has no .safetensors or .bin weights (commit {info.sha})")
+        reason = f"the repository has no .safetensors or .bin weights (commit {info.sha})"
+        raise SourceError(f"{spec}: {reason}", spec, reason, missing=False)
     return HubSource(spec, repo_id, revision, str(info.sha), weights, pipeline_tag=info.pipeline_tag)
 
 
@@ -136,9 +171,9 @@ def _resolve_cached(spec: str, repo_id: str, revision: str | None) -> HubSource:
             continue  # a snapshot downloaded with the other weight format
         if any(path.glob(WEIGHT_PATTERNS[weights][0])):
             return HubSource(spec, repo_id, revision, path.name, weights, cached_path=path)
-    raise HubmergeError(
-        f"{spec}: HF_HUB_OFFLINE is set and the cached snapshot of {repo_id} has no complete set of weights "
-        "(run once with network access to download it)"
+    reason = f"HF_HUB_OFFLINE is set and the cached snapshot of {repo_id} has no complete set of weights"
+    raise SourceError(
+        f"{spec}: {reason} (run once with network access to download it)", spec, reason, missing=True
     )
 
 
@@ -177,7 +212,7 @@ def publish(
     """Upload an output directory as one commit (files the repo already has are skipped by the client)."""
     repo_id, revision = target.repo_id, target.revision
     api = HfApi(endpoint=endpoint, token=token)
-    hint = f"the local output {directory} is complete; re-run `hubmerge push {directory} {repo_id}`"
+    hint = f"the local output {directory} is complete; re-run `hubmerge push {repo_id} {directory}`"
     try:
         repo_url = api.create_repo(repo_id, private=target.private, exist_ok=True)
         if revision and revision != "main":
@@ -201,3 +236,96 @@ def publish(
     except (httpx2.TransportError, OSError) as err:
         raise HubmergeError(f"push to {repo_id} failed: {_first_line(err)}; {hint}") from None
     return Published(repo_url=str(repo_url), commit_url=info.commit_url, pr_url=info.pr_url)
+
+
+# Organisation roles that may create repositories (a contributor writes only to the repos they created).
+CREATING_ROLES = ("admin", "write", "contributor")
+
+
+def check_push_access(target: PushTarget, *, token: str | None = None, endpoint: str | None = None) -> str:
+    """Who a push to `target` would commit as: checked before merging, so an unpublishable run fails at once.
+
+    Refused: no token, a token the Hub rejects or that is read-only, a namespace that is neither the user's
+    nor one of their organisations with a role that can write, and a fine-grained token without
+    `repo.write` on the namespace (or, for an existing repo, on the repo). An organisation contributor's
+    access to an existing repo they did not create cannot be told without writing; the push then reports it.
+
+    Args:
+        target: the recipe's `push:` block.
+        token: the token to check; None uses HF_TOKEN or the `hf auth login` one.
+        endpoint: the Hub; None for the default (HF_ENDPOINT).
+
+    Returns:
+        The user name the token belongs to.
+    """
+    repo_id = target.repo_id
+    namespace = repo_id.split("/")[0]
+    api = HfApi(endpoint=endpoint, token=token)
+    where = f"cannot push to {repo_id}"
+    try:
+        who = api.whoami()
+    except hf_errors.LocalTokenNotFoundError:
+        raise HubmergeError(
+            f"not logged in: set HF_TOKEN or run `hf auth login` (or pass --token) to push to {repo_id}"
+        ) from None
+    except hf_errors.OfflineModeIsEnabled:
+        raise HubmergeError(f"{where}: HF_HUB_OFFLINE is set, and a push needs the Hub") from None
+    except hf_errors.HfHubHTTPError as err:
+        status = err.response.status_code if err.response is not None else None
+        if status == 401:
+            raise HubmergeError(
+                f"{where}: the Hub does not accept the token (invalid or expired): set HF_TOKEN or run "
+                "`hf auth login` again"
+            ) from None
+        raise HubmergeError(f"{where}: checking the token failed: {_first_line(err)}") from None
+    except httpx2.TransportError as err:
+        raise HubmergeError(
+            f"{where}: cannot reach the Hub at {endpoint or hf_constants.ENDPOINT} ({err})"
+        ) from None
+    user = who["name"]
+    access = (who.get("auth") or {}).get("accessToken") or {}
+    role, token_name = access.get("role"), access.get("displayName", "")
+    if role == "read":
+        raise HubmergeError(
+            f"{where}: the token {token_name!r} of {user} is read-only; use one with the write role "
+            "(https://huggingface.co/settings/tokens)"
+        )
+    orgs = {org["name"]: org.get("roleInOrg") for org in who.get("orgs") or []}
+    if namespace != user and namespace not in orgs:
+        member_of = ", ".join(orgs) or "none"
+        raise HubmergeError(
+            f"{where}: {user} can write only to {user}/ and to their organisations' namespaces "
+            f"(organisations: {member_of}), not to {namespace}/"
+        )
+    if namespace != user and orgs[namespace] is not None and orgs[namespace] not in CREATING_ROLES:
+        raise HubmergeError(
+            f"{where}: {user}'s role in the organisation {namespace} is {orgs[namespace]!r}, which cannot write "
+            f"(needed: {', '.join(CREATING_ROLES)})"
+        )
+    if role == "fineGrained":
+        _check_fine_grained(api, access, user, repo_id, where, token_name)
+    return user
+
+
+def _check_fine_grained(
+    api: HfApi, access: dict[str, Any], user: str, repo_id: str, where: str, token_name: str
+) -> None:
+    """A fine-grained token writes where it has `repo.write`: on the namespace, or on the repo if it exists."""
+    namespace = repo_id.split("/")[0]
+    writable = {
+        (scope["entity"].get("type"), scope["entity"].get("name"))
+        for scope in (access.get("fineGrained") or {}).get("scoped") or []
+        if "repo.write" in scope.get("permissions", [])
+    }
+    if writable & {("user", namespace), ("org", namespace)}:
+        return
+    if ("model", repo_id) in writable:
+        try:
+            if api.repo_exists(repo_id):
+                return
+        except (hf_errors.HfHubHTTPError, httpx2.TransportError) as err:
+            raise HubmergeError(f"{where}: checking whether it exists failed: {_first_line(err)}") from None
+    raise HubmergeError(
+        f"{where}: the fine-grained token {token_name!r} of {user} has no repo.write permission on {namespace} "
+        f"(needed to create the repo) or on {repo_id}"
+    )

@@ -11,6 +11,7 @@ import yaml
 import hubmerge
 from hubmerge.errors import HubmergeError
 from hubmerge.hub import HubSource
+from hubmerge.recipe import read_yaml
 
 LOCK_VERSION = 1
 
@@ -61,10 +62,7 @@ def read_lock(recipe_path: str | Path) -> Lock:
     path = lock_path(recipe_path)
     if not path.is_file():
         raise HubmergeError(f"--locked: {path} not found; create it with `hubmerge lock {recipe_path}`")
-    try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except yaml.YAMLError as err:
-        raise HubmergeError(f"{path}: malformed YAML: {err}") from None
+    data = read_yaml(path)
     sources = data.get("sources") if isinstance(data, dict) else None
     if (
         not isinstance(data, dict)

@@ -2,13 +2,23 @@
 
 from __future__ import annotations
 
+import difflib
 import fnmatch
 import re
+import types
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, Union, get_args, get_origin
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 
 from hubmerge.errors import HubmergeError
 from hubmerge.methods import METHODS
@@ -107,7 +117,8 @@ class Recipe(Strict):
     base: Annotated[str, Field(min_length=1)]
     models: Annotated[list[str | ModelEntry], Field(min_length=1)]
     method: str
-    parameters: dict[str, Any] = Field(default_factory=dict)
+    # validated when omitted too: a method's defaults can conflict with the recipe (consensus k = 2, one task)
+    parameters: dict[str, Any] = Field(default_factory=dict, validate_default=True)
     dtype: OutputDtype = "auto"
     output: str | None = None
     # Which tensors are merged (fnmatch globs on tensor names); the base's other tensors are copied unchanged,
@@ -119,44 +130,90 @@ class Recipe(Strict):
     search: Search | None = None
     push: PushTarget | None = None
 
-    @model_validator(mode="after")
-    def _check(self) -> Recipe:
-        if self.method not in METHODS:
-            raise ValueError(f"unknown method {self.method!r}; choose one of: {', '.join(sorted(METHODS))}")
-        names = self.task_names
-        for name in names:
-            if not TASK_NAME.match(name):
-                raise ValueError(
-                    f"task name {name!r} is not usable as a file name (letters, digits, '.', '_', '-')"
-                )
-        seen: set[str] = set()
-        for name in names:
-            if name in seen:
-                raise ValueError(f"duplicate task name {name!r}: give the models distinct `name`s")
-            seen.add(name)
-        METHODS[self.method].validate(self.parameters, names)
-        if self.evaluation is not None:
-            unknown = sorted(set(self.evaluation.tasks) - set(names))
-            missing = [n for n in names if n not in self.evaluation.tasks]
-            if unknown:
-                raise ValueError(
-                    f"evaluation.tasks: {unknown[0]!r} is not a task of this recipe ({', '.join(names)})"
-                )
-            if missing:
-                raise ValueError(f"evaluation.tasks: task {missing[0]!r} has no evaluation data")
-        if self.search is not None:
-            if self.evaluation is None:
-                raise ValueError("search: needs an `evaluation:` section to score the candidates")
-            if self.method not in SEARCHABLE:
-                raise ValueError(
-                    f"search: {self.method} has no parameter to search ({', '.join(SEARCHABLE)} do)"
-                )
-            too_big = [k for k in self.search.k if k > len(names)]
-            if too_big:
-                raise ValueError(f"search.k: {too_big[0]} is more than the {len(names)} tasks")
-        if self.push and self.push.export == "subfolders" and METHODS[self.method].result != "compressed":
+    # Each check is a field validator, so pydantic reports it beside every other field's problem; the
+    # cross-field ones read the fields validated before them (`info.data`, in declaration order), and skip
+    # what depends on a field that failed. Several problems of one field are joined by newlines.
+
+    @field_validator("models")
+    @classmethod
+    def _check_models(cls, models: list[str | ModelEntry]) -> list[str | ModelEntry]:
+        names = _task_names(models)
+        problems = [
+            f"task name {name!r} is not usable as a file name (letters, digits, '.', '_', '-')"
+            for name in dict.fromkeys(names)
+            if not TASK_NAME.match(name)
+        ]
+        problems += [
+            f"duplicate task name {name!r}: give the models distinct `name`s"
+            for name in dict.fromkeys(names)
+            if names.count(name) > 1
+        ]
+        if problems:
+            raise ValueError("\n".join(problems))
+        return models
+
+    @field_validator("method")
+    @classmethod
+    def _check_method(cls, method: str) -> str:
+        if method not in METHODS:
+            raise ValueError(
+                f"unknown method {method!r} ({did_you_mean(method, sorted(METHODS), 'choose one of')})"
+            )
+        return method
+
+    @field_validator("parameters")
+    @classmethod
+    def _check_parameters(cls, parameters: dict[str, Any], info: ValidationInfo) -> dict[str, Any]:
+        method = info.data.get("method")
+        if method is None:  # unknown: reported under `method`
+            return parameters
+        names = _task_names(info.data["models"]) if "models" in info.data else None
+        problems = parameter_problems(method, parameters, names)
+        if problems:
+            raise ValueError("\n".join(problems))
+        return parameters
+
+    @field_validator("evaluation")
+    @classmethod
+    def _check_evaluation(cls, evaluation: Evaluation | None, info: ValidationInfo) -> Evaluation | None:
+        if evaluation is None or "models" not in info.data:
+            return evaluation
+        names = _task_names(info.data["models"])
+        unknown = [t for t in evaluation.tasks if t not in names]
+        missing = [n for n in names if n not in evaluation.tasks]
+        problems = [
+            f"evaluation.tasks: {t!r} is not a task of this recipe ({', '.join(names)})" for t in unknown
+        ]
+        problems += [f"evaluation.tasks: task {n!r} has no evaluation data" for n in missing]
+        if problems:
+            raise ValueError("\n".join(problems))
+        return evaluation
+
+    @field_validator("search")
+    @classmethod
+    def _check_search(cls, search: Search | None, info: ValidationInfo) -> Search | None:
+        if search is None:
+            return search
+        problems = []
+        if "evaluation" in info.data and info.data["evaluation"] is None:
+            problems.append("search: needs an `evaluation:` section to score the candidates")
+        method = info.data.get("method")
+        if method is not None and method not in SEARCHABLE:
+            problems.append(f"search: {method} has no parameter to search ({', '.join(SEARCHABLE)} do)")
+        if "models" in info.data:
+            t = len(info.data["models"])
+            problems += [f"search.k: {k} is more than the {t} tasks" for k in search.k if k > t]
+        if problems:
+            raise ValueError("\n".join(problems))
+        return search
+
+    @field_validator("push")
+    @classmethod
+    def _check_push(cls, push: PushTarget | None, info: ValidationInfo) -> PushTarget | None:
+        method = info.data.get("method")
+        if push and push.export == "subfolders" and method and METHODS[method].result != "compressed":
             raise ValueError("push.export: subfolders applies to compressed artifacts only (this is a merge)")
-        return self
+        return push
 
     def selects(self, key: str) -> bool:
         """Whether tensor `key` is merged (rather than copied from the base)."""
@@ -169,7 +226,7 @@ class Recipe(Strict):
 
     @property
     def task_names(self) -> list[str]:
-        return [e.name or default_task_name(e.source) for e in self.entries]
+        return _task_names(self.models)
 
     @property
     def sources(self) -> list[str]:
@@ -196,25 +253,152 @@ def default_task_name(source: str) -> str:
     return path.stem if path.suffix in WEIGHT_SUFFIXES else path.name
 
 
-def _format_validation_error(err: ValidationError) -> str:
-    parts = []
-    for e in err.errors():
-        loc = ".".join(str(p) for p in e["loc"] if not str(p).startswith(("function-", "str", "ModelEntry")))
-        msg = e["msg"].removeprefix("Value error, ")
+def _task_names(models: list[str | ModelEntry]) -> list[str]:
+    entries = [m if isinstance(m, ModelEntry) else ModelEntry(source=m) for m in models]
+    return [e.name or default_task_name(e.source) for e in entries]
+
+
+def did_you_mean(name: str, valid: list[str], label: str = "valid") -> str:
+    """`did you mean 'x'? valid: a, b, c` (the closest name, when one is close), for an unknown name."""
+    close = difflib.get_close_matches(name, valid, n=1)
+    listing = f"{label}: {', '.join(valid)}"
+    return f"did you mean {close[0]!r}? {listing}" if close else listing
+
+
+def _members(annotation: Any) -> list[Any]:
+    """The types a value of `annotation` may have: Annotated, Optional and unions unwrapped."""
+    while get_origin(annotation) is Annotated:
+        annotation = get_args(annotation)[0]
+    if get_origin(annotation) in (Union, types.UnionType):
+        return [m for arg in get_args(annotation) if arg is not type(None) for m in _members(arg)]
+    return [annotation]
+
+
+def _is_model(annotation: Any) -> bool:
+    return isinstance(annotation, type) and issubclass(annotation, BaseModel)
+
+
+def _walk(root: type[BaseModel], loc: tuple[int | str, ...]) -> tuple[list[str], list[str] | None]:
+    """Follow a pydantic error location from `root`.
+
+    Returns:
+        The location as the user wrote it (pydantic's union-branch labels such as `str`, `ModelEntry` or
+        `constrained-float` left out), and the keys the mapping reached accepts (None: not a mapping).
+    """
+    shown: list[str] = []
+    current = [root]
+    for part in loc:
+        members = [m for annotation in current for m in _members(annotation)]
+        branch = [m for m in members if _is_model(m) and m.__name__ == part]
+        if branch:
+            current = branch
+            continue
+        if isinstance(part, str) and (
+            any(c in part for c in "-[(") or part in ("str", "int", "float", "bool")
+        ):
+            continue
+        shown.append(str(part))
+        following = []
+        for member in members:
+            if _is_model(member):
+                following += [f.annotation for n, f in member.model_fields.items() if part in (n, f.alias)]
+            elif get_origin(member) in (list, dict):
+                following.append(get_args(member)[-1])
+        current = following
+    models = [m for annotation in current for m in _members(annotation) if _is_model(m)]
+    keys = [f.alias or n for n, f in models[0].model_fields.items()] if models else None
+    return shown, keys
+
+
+def _other_branch(loc: tuple[int | str, ...], branch: tuple[int | str, ...]) -> bool:
+    """Whether `loc` lies inside another branch of the union that `branch` (ending in a branch label) is one of."""
+    n = len(branch)
+    return len(loc) > n and loc[: n - 1] == branch[:-1] and loc[n - 1] != branch[-1]
+
+
+def _problems(err: ValidationError, root: type[BaseModel], unknown: str, note: str = "") -> list[str]:
+    """One message per problem pydantic found, each naming its field; unknown keys with suggestions."""
+    problems = []
+    errors = err.errors()
+    for e in errors:
+        loc, msg = e["loc"], e["msg"].removeprefix("Value error, ")
+        if loc[-1] == "str" and any(_other_branch(o["loc"], loc) for o in errors):
+            continue  # `str | Model` given a mapping: the model branch's problems are the ones to show
         if e["type"] == "extra_forbidden":
-            msg = "unknown field"
-        parts.append(f"{loc}: {msg}" if loc else msg)
-    return "; ".join(dict.fromkeys(parts))
+            shown, keys = _walk(root, loc[:-1])
+            hints = [note, did_you_mean(str(loc[-1]), keys)] if keys else [note]
+            detail = "; ".join(h for h in hints if h)
+            problems.append(
+                f"{'.'.join([*shown, str(loc[-1])])}: {unknown}" + (f" ({detail})" if detail else "")
+            )
+            continue
+        path = ".".join(_walk(root, loc)[0])
+        for part in msg.split("\n"):
+            if note:
+                part = f"{part} ({note})"
+            named = not path or part.startswith((f"{path}:", f"{path}."))
+            problems.append(part if named else f"{path}: {part}")
+    return list(dict.fromkeys(problems))
+
+
+def parameter_problems(method: str, raw: dict[str, Any], task_names: list[str] | None) -> list[str]:
+    """Every problem of a method's parameters, each as `parameters.<field>: ...`.
+
+    Args:
+        method: a name in METHODS.
+        raw: the recipe's `parameters` mapping.
+        task_names: the tasks, or None when the models are invalid (checks that need them are skipped).
+
+    Returns:
+        The problems; empty when the parameters are valid.
+    """
+    spec = METHODS[method]
+    try:
+        spec.params.model_validate(raw)
+    except ValidationError as err:
+        return [
+            f"parameters.{p}" for p in _problems(err, spec.params, "unknown parameter", f"method {method}")
+        ]
+    if task_names is not None:
+        try:
+            spec.validate(raw, task_names)
+        except ValueError as err:
+            return [str(err)]
+    return []
+
+
+# Keys of a mergekit configuration that a hubmerge recipe never has.
+MERGEKIT_KEYS = ("merge_method", "base_model", "slices", "modules", "tokenizer_source", "out_dtype")
 
 
 def parse_recipe(data: Any, origin: str = "<recipe>") -> Recipe:
-    """Validate an already-loaded recipe mapping; errors name `origin` and the offending field."""
+    """Validate an already-loaded recipe mapping; errors name `origin` and every offending field."""
     if not isinstance(data, dict):
         raise HubmergeError(f"{origin}: a recipe must be a YAML mapping, got {type(data).__name__}")
+    if "merge_method" in data and not {"version", "method"} & data.keys():
+        found = ", ".join(k for k in MERGEKIT_KEYS if k in data)
+        raise HubmergeError(
+            f"{origin}: this looks like a mergekit config ({found}); hubmerge recipes look like "
+            f"'version: 1 / base: / models: / method:'; convert it with: hubmerge convert-mergekit {origin}"
+        )
     try:
         return Recipe.model_validate(data)
     except ValidationError as err:
-        raise HubmergeError(f"{origin}: {_format_validation_error(err)}") from None
+        problems = _problems(err, Recipe, "unknown field")
+    summary = problems[0] if len(problems) == 1 else f"{len(problems)} problems: " + "; ".join(problems)
+    raise HubmergeError(f"{origin}: {summary}")
+
+
+def read_yaml(path: Path) -> Any:
+    """A YAML file's content; a syntax error is one line naming the file, line and column."""
+    try:
+        return yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.MarkedYAMLError as err:
+        mark = err.problem_mark
+        where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark else str(path)
+        raise HubmergeError(f"{where}: malformed YAML: {err.problem or err}") from None
+    except (yaml.YAMLError, UnicodeDecodeError) as err:
+        raise HubmergeError(f"{path}: malformed YAML: {str(err).splitlines()[0]}") from None
 
 
 def load_recipe(path: str | Path) -> Recipe:
@@ -222,12 +406,4 @@ def load_recipe(path: str | Path) -> Recipe:
     path = Path(path)
     if not path.is_file():
         raise HubmergeError(f"recipe file not found: {path}")
-    try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except yaml.MarkedYAMLError as err:
-        mark = err.problem_mark
-        where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark else str(path)
-        raise HubmergeError(f"{where}: malformed YAML: {err.problem or err}") from None
-    except yaml.YAMLError as err:
-        raise HubmergeError(f"{path}: malformed YAML: {err}") from None
-    return parse_recipe(data, str(path))
+    return parse_recipe(read_yaml(path), str(path))

@@ -18,7 +18,15 @@ import yaml
 
 from hubmerge import hub
 from hubmerge.errors import HubmergeError
-from hubmerge.hub import BIN_INDEX, CARD_FILE, OPEN_CLIP_CONFIG, SAFETENSORS_INDEX, SUPPORT_FILES, HubSource
+from hubmerge.hub import (
+    BIN_INDEX,
+    CARD_FILE,
+    OPEN_CLIP_CONFIG,
+    SAFETENSORS_INDEX,
+    SUPPORT_FILES,
+    HubSource,
+    SourceError,
+)
 from hubmerge.recipe import is_hub_id
 
 ANSI_ESCAPE = re.compile(r"\x1b\[[0-9;]*m")
@@ -134,6 +142,95 @@ class Checkpoint:
         self._readers.clear()
 
 
+def _offsets_text(start: int, end: int) -> str:
+    return f"data_offsets [{start}, {end}]"
+
+
+def _naturals(value: object) -> bool:
+    """A JSON list of non-negative integers (true/false are integers to Python, not to the format)."""
+    return isinstance(value, list) and all(type(n) is int and n >= 0 for n in value)
+
+
+def _tensor_entry(entry: object) -> tuple[TensorInfo, int, int] | str:
+    """(info, start, end) of one header entry, or what is malformed in it."""
+    if not isinstance(entry, dict):
+        return "its entry is not a JSON object"
+    dtype, shape, offsets = entry.get("dtype"), entry.get("shape"), entry.get("data_offsets")
+    if not isinstance(dtype, str) or dtype not in SAFETENSORS_DTYPES:
+        return f"unsupported dtype {dtype!r} (supported: {', '.join(SAFETENSORS_DTYPES)})"
+    if not _naturals(shape):
+        return f"malformed shape {shape!r} (a list of non-negative integers)"
+    if not _naturals(offsets) or len(offsets) != 2:
+        return f"malformed data_offsets {offsets!r} (two non-negative integers)"
+    start, end = offsets
+    info = TensorInfo(tuple(shape), SAFETENSORS_DTYPES[dtype])
+    if end < start:
+        return f"{_offsets_text(start, end)} end before they start"
+    if end - start != info.nbytes:
+        return (
+            f"{_offsets_text(start, end)} hold {end - start} bytes, but dtype {dtype} and shape {shape} "
+            f"take {info.nbytes}"
+        )
+    return info, start, end
+
+
+def parse_safetensors_header(header: dict, data_size: int, origin: str) -> dict[str, tuple[TensorInfo, int]]:
+    """Every tensor of a safetensors header with its data offset, checked as strictly as `safetensors` does.
+
+    Positioned reads trust the offsets, so a header whose byte ranges overlap, leave gaps, or do not cover the
+    data section exactly would otherwise be read as silently wrong tensors.
+
+    Args:
+        header: the parsed header JSON object.
+        data_size: bytes after the header (file size − 8 − header size).
+        origin: the file, named in errors.
+
+    Returns:
+        {tensor name: (shape and dtype, start offset within the data section)}.
+    """
+    metadata = header.get("__metadata__", {})
+    if not isinstance(metadata, dict) or not all(
+        isinstance(k, str) and isinstance(v, str) for k, v in metadata.items()
+    ):
+        raise HubmergeError(f"{origin}: __metadata__ must map strings to strings")
+    spans: list[tuple[int, int, str]] = []
+    entries: dict[str, tuple[TensorInfo, int]] = {}
+    for key, entry in header.items():
+        if key == "__metadata__":
+            continue
+        parsed = _tensor_entry(entry)
+        if isinstance(parsed, str):
+            raise HubmergeError(f"{origin}: tensor {key!r}: {parsed}")
+        info, start, end = parsed
+        entries[key] = (info, start)
+        spans.append((start, end, key))
+    covered, previous = 0, None
+    for start, end, key in sorted(spans):
+        if start < covered:
+            raise HubmergeError(
+                f"{origin}: tensor {key!r} overlaps {previous!r} ({_offsets_text(start, end)})"
+            )
+        if start > covered:
+            after = f"after {previous!r}" if previous else "at the start of the data"
+            raise HubmergeError(
+                f"{origin}: tensor {key!r} ({_offsets_text(start, end)}) leaves {start - covered} bytes "
+                f"{after} that belong to no tensor"
+            )
+        covered, previous = end, key
+    if covered > data_size:
+        raise HubmergeError(
+            f"{origin}: tensor {previous!r} ends at byte {covered} of a data section of {data_size} bytes "
+            "(the file is truncated)"
+        )
+    if covered < data_size:
+        last = f"the last tensor, {previous!r}" if previous else "an empty header"
+        raise HubmergeError(
+            f"{origin}: {data_size - covered} bytes after {last} belong to no tensor "
+            f"(the data section holds {data_size}, the header accounts for {covered})"
+        )
+    return entries
+
+
 class SafetensorsReader:
     """A safetensors file read with positioned reads instead of a memory map.
 
@@ -152,26 +249,17 @@ class SafetensorsReader:
             header_size = struct.unpack("<Q", prefix)[0] if len(prefix) == 8 else -1
             if not 0 < header_size <= min(self.MAX_HEADER, size - 8):
                 raise HubmergeError(f"{path}: not a safetensors file (bad header size)")
-            try:
-                header = json.loads(f.read(header_size))
-            except (json.JSONDecodeError, UnicodeDecodeError) as err:
-                raise HubmergeError(f"{path}: not a safetensors file (unreadable header: {err})") from None
+            raw = f.read(header_size)
+        if not raw.startswith(b"{"):
+            raise HubmergeError(f"{path}: not a safetensors file (the header does not start with '{{')")
+        try:
+            header = json.loads(raw)
+        except (json.JSONDecodeError, UnicodeDecodeError) as err:
+            raise HubmergeError(f"{path}: not a safetensors file (unreadable header: {err})") from None
         self._data_start = 8 + header_size
-        self.infos: dict[str, TensorInfo] = {}
-        self._offsets: dict[str, int] = {}
-        for key, entry in header.items():
-            if key == "__metadata__":
-                continue
-            try:
-                dtype = SAFETENSORS_DTYPES[entry["dtype"]]
-                info = TensorInfo(tuple(int(n) for n in entry["shape"]), dtype)
-                start, end = (int(n) for n in entry["data_offsets"])
-            except (KeyError, TypeError, ValueError):
-                raise HubmergeError(f"{path}: tensor {key!r} has an unsupported or malformed entry") from None
-            if end - start != info.nbytes or self._data_start + end > size:
-                raise HubmergeError(f"{path}: tensor {key!r} has data offsets outside the file")
-            self.infos[key] = info
-            self._offsets[key] = start
+        entries = parse_safetensors_header(header, size - self._data_start, str(path))
+        self.infos: dict[str, TensorInfo] = {key: info for key, (info, _) in entries.items()}
+        self._offsets: dict[str, int] = {key: start for key, (_, start) in entries.items()}
         self._fd = os.open(path, os.O_RDONLY)
         self._finalizer = weakref.finalize(self, os.close, self._fd)
 
@@ -313,9 +401,29 @@ def locate_source(spec: str, *, token: str | None = None, endpoint: str | None =
     if not is_hub_id(spec):
         path = Path(os.path.expanduser(spec))
         if not path.exists():
-            raise HubmergeError(f"source not found: {spec} (no such file or directory)")
+            reason = "no such file or directory"
+            hints = () if path.is_absolute() else (hub.relative_hint(),)
+            detail = "; ".join((reason, *hints))
+            raise SourceError(f"source not found: {spec} ({detail})", spec, reason, missing=True, hints=hints)
         return path
     return hub.resolve(spec, token=token, endpoint=endpoint)
+
+
+def sources_error(errors: list[SourceError]) -> HubmergeError:
+    """One error for every source that cannot be located: `3 sources not found: ./a (...), org/x (...)`.
+
+    Args:
+        errors: one per source, in recipe order.
+
+    Returns:
+        The error to raise: the source's own for a single one.
+    """
+    if len(errors) == 1:
+        return errors[0]
+    what = "not found" if all(e.missing for e in errors) else "cannot be used"
+    listed = ", ".join(f"{e.spec} ({e.reason})" for e in errors)
+    hints = "".join(f"; {h}" for h in dict.fromkeys(h for e in errors for h in e.hints))
+    return HubmergeError(f"{len(errors)} sources {what}: {listed}{hints}")
 
 
 def open_source(

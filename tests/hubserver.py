@@ -5,10 +5,14 @@ upload path: `HF_HUB_DISABLE_XET=1`), so hubmerge's publishing and downloading c
 clients' own retries, caches and error mapping rather than through mocks. The endpoints, fields and headers
 are those huggingface_hub 2.4.0 and transformers 5.23 send and require (checked against their source).
 
-Deliberate simplifications, invisible to the clients: no orgs (a user writes only to their own namespace),
-no pagination, no Xet, no CDN redirects, the regular/LFS rule is size/binary/extension based, a new repo
-starts with an empty initial commit (the Hub's holds a `.gitattributes`), and pull requests can be opened
-only by the namespace owner.
+Permissions: a user writes to their own namespace and to organisations (`add_org`) where their role is admin
+or write, or contributor for repos they created (any member reads its private repos); a token (`add_token`)
+has the write role unless given read, or fineGrained with scoped `repo.write` permissions on a user, an org or
+a repo, as `whoami-v2` reports them.
+
+Deliberate simplifications, invisible to the clients: no pagination, no Xet, no CDN redirects, the
+regular/LFS rule is size/binary/extension based, a new repo starts with an empty initial commit (the Hub's
+holds a `.gitattributes`), and pull requests can be opened only by those who may write to the repo.
 """
 
 from __future__ import annotations
@@ -158,6 +162,7 @@ class _Repo:
     repo_id: str
     private: bool
     gated: bool
+    creator: str | None = None  # who created it over HTTP (seeded repos: None)
     created: datetime = field(default_factory=_now)
     commits: dict[str, _Commit] = field(default_factory=dict)
     branches: dict[str, str] = field(default_factory=dict)
@@ -227,6 +232,9 @@ class HubServer:
 
     def __init__(self, tokens: dict[str, str] | None = None, host: str = "127.0.0.1", port: int = 0):
         self.tokens = dict(DEFAULT_TOKENS if tokens is None else tokens)
+        self._initial_tokens = dict(self.tokens)
+        self.token_access: dict[str, dict[str, Any]] = {}  # token -> {role, scoped}; absent: the write role
+        self.orgs: dict[str, dict[str, str]] = {}  # organisation -> {member: role}
         self.lock = threading.RLock()
         self.requests: list[tuple[str, str]] = []  # (method, URL path as sent, without query), in order
         self.commits: Counter[str] = Counter()  # commits posted over HTTP, by repo id
@@ -296,6 +304,20 @@ class HubServer:
         with self.lock:
             self._faults.append(_Fault(method.upper(), re.compile(path_regex), action, times))
 
+    def add_token(
+        self, token: str, user: str, *, role: str = "write", scoped: list[dict[str, Any]] | None = None
+    ) -> None:
+        """A token of `user` with the `read` or `write` role, or `fineGrained` with `scoped` permissions:
+        `{"entity": {"type": "user" | "org" | "model" | ..., "name": ...}, "permissions": ["repo.write", ...]}`."""
+        with self.lock:
+            self.tokens[token] = user
+            self.token_access[token] = {"role": role, "scoped": scoped or []}
+
+    def add_org(self, org: str, members: dict[str, str]) -> None:
+        """An organisation and its members' roles: admin, write, contributor or read."""
+        with self.lock:
+            self.orgs[org] = dict(members)
+
     def clear_faults(self) -> None:
         with self.lock:
             self._faults.clear()
@@ -304,6 +326,9 @@ class HubServer:
         """Forget every repo, request and counter, so that each test starts on an empty Hub."""
         with self.lock:
             self._repos.clear()
+            self.tokens = dict(self._initial_tokens)
+            self.token_access.clear()
+            self.orgs.clear()
             self.requests.clear()
             self.commits.clear()
             self.lfs_uploads.clear()
@@ -332,19 +357,43 @@ class HubServer:
         repo.commits[commit.sha] = commit
         return commit
 
+    def _member(self, user: str | None, namespace: str) -> bool:
+        return user is not None and (user == namespace or user in self.orgs.get(namespace, {}))
+
     def _readable(self, repo_type: str, repo_id: str, user: str | None) -> _Repo:
         """The repo, unless it is missing or private to someone else: both look the same, as on the Hub."""
         repo = self._repos.get((repo_type, repo_id))
-        if repo is None or (repo.private and user != repo.owner):
+        if repo is None or (repo.private and not self._member(user, repo.owner)):
             raise HubError(401 if user is None else 404, "Repository not found", "RepoNotFound")
         return repo
 
-    def _writable(self, repo_type: str, repo_id: str, user: str | None) -> _Repo:
+    def _refusal(
+        self, user: str, token: str | None, repo_type: str, repo_id: str, repo: _Repo | None
+    ) -> str | None:
+        """Why `user` with `token` may not write to (or create, when `repo` is None) a repo; None if they may."""
+        namespace = repo_id.split("/")[0]
+        access = self.token_access.get(token or "", {"role": "write"})
+        if access["role"] == "read":
+            return "This token has read-only access"
+        # a repo-scoped permission writes to that repo; creating one needs the namespace's
+        granted = {("user", namespace), ("org", namespace)} | ({(repo_type, repo_id)} if repo else set())
+        if access["role"] == "fineGrained" and not any(
+            "repo.write" in scope["permissions"]
+            and (scope["entity"]["type"], scope["entity"]["name"]) in granted
+            for scope in access["scoped"]
+        ):
+            return f"This fine-grained token has no repo.write permission on {repo_id}"
+        role = "admin" if user == namespace else self.orgs.get(namespace, {}).get(user)
+        if role in ("admin", "write") or (role == "contributor" and (repo is None or repo.creator == user)):
+            return None
+        return f"You don't have the rights to write to {repo_id}"
+
+    def _writable(self, repo_type: str, repo_id: str, user: str | None, token: str | None = None) -> _Repo:
         if user is None:
             raise HubError(401, "You must be authenticated to write to a repository")
         repo = self._readable(repo_type, repo_id, user)
-        if user != repo.owner:
-            raise HubError(403, f"You don't have the rights to write to {repo_id}")
+        if (reason := self._refusal(user, token, repo_type, repo_id, repo)) is not None:
+            raise HubError(403, reason)
         return repo
 
     def _take_fault(self, method: str, path: str) -> str | int | None:
@@ -385,6 +434,7 @@ class _Handler(BaseHTTPRequestHandler):
     body: bytes
     query: dict[str, list[str]]
     user: str | None
+    token: str | None
 
     def log_message(self, format: str, *args: Any) -> None:
         """Silent: tests read `HubServer.requests` instead of a log."""
@@ -436,11 +486,13 @@ class _Handler(BaseHTTPRequestHandler):
         return self.rfile.read(int(self.headers.get("Content-Length") or 0))
 
     def _authenticate(self) -> str | None:
-        """The token's user; an unknown token is refused everywhere, as by the Hub."""
+        """The token's user (the token is kept in `self.token`); an unknown token is refused everywhere, as by
+        the Hub."""
         header = self.headers.get("Authorization")
-        if header is None:
+        self.token = None if header is None else header.removeprefix("Bearer ").strip()
+        if self.token is None:
             return None
-        user = self.hub.tokens.get(header.removeprefix("Bearer ").strip())
+        user = self.hub.tokens.get(self.token)
         if user is None:
             raise HubError(401, INVALID_CREDENTIALS)
         return user
@@ -470,7 +522,7 @@ class _Handler(BaseHTTPRequestHandler):
         return self.hub._readable(match["type"] or "model", match["repo"], self.user)
 
     def _writable(self, match: re.Match[str]) -> _Repo:
-        return self.hub._writable(match["type"] or "model", match["repo"], self.user)
+        return self.hub._writable(match["type"] or "model", match["repo"], self.user, self.token)
 
     def _accessible(self, match: re.Match[str]) -> _Repo:
         """Readable, and for a gated repo only to its owner (who stands in for users who accepted the terms)."""
@@ -487,20 +539,31 @@ class _Handler(BaseHTTPRequestHandler):
     def _whoami(self, match: re.Match[str]) -> _Reply:
         if self.user is None:
             raise HubError(401, "You must be authenticated")
-        auth = {"type": "access_token", "accessToken": {"displayName": "test", "role": "write"}}
-        return _json({"type": "user", "name": self.user, "fullname": self.user, "orgs": [], "auth": auth})
+        access = self.hub.token_access.get(self.token or "", {"role": "write"})
+        token: dict[str, Any] = {"displayName": "test", "role": access["role"]}
+        if access["role"] == "fineGrained":
+            token["fineGrained"] = {"canReadGatedRepos": False, "global": [], "scoped": access["scoped"]}
+        orgs = [
+            {"type": "org", "name": org, "fullname": org, "roleInOrg": members[self.user]}
+            for org, members in self.hub.orgs.items()
+            if self.user in members
+        ]
+        auth = {"type": "access_token", "accessToken": token}
+        return _json({"type": "user", "name": self.user, "fullname": self.user, "orgs": orgs, "auth": auth})
 
     def _repo_key(self) -> tuple[str, str, dict[str, Any]]:
-        """Type and id of the repo a create/delete body names; only its owner may create or delete it."""
+        """Type and id of the repo a create/delete body names; only who may write to it may create or delete it."""
         if self.user is None:
             raise HubError(401, "You must be authenticated to create or delete a repository")
         body = self._json_body()
         namespace = body.get("organization") or self.user
-        if namespace != self.user:
+        repo_type, repo_id = body.get("type") or "model", f"{namespace}/{body['name']}"
+        existing = self.hub._repos.get((repo_type, repo_id))
+        if self.hub._refusal(self.user, self.token, repo_type, repo_id, existing) is not None:
             raise HubError(
                 403, f"You don't have the rights to create or delete repositories under {namespace}"
             )
-        return body.get("type") or "model", f"{namespace}/{body['name']}", body
+        return repo_type, repo_id, body
 
     @_route("POST", pattern=r"/api/repos/create")
     def _create_repo(self, match: re.Match[str]) -> _Reply:
@@ -509,7 +572,7 @@ class _Handler(BaseHTTPRequestHandler):
         if (repo_type, repo_id) in self.hub._repos:
             return _json({"error": f"You already created this {repo_type} repo", "url": url}, 409)
         private = body.get("visibility", "private" if body.get("private") else "public") != "public"
-        self.hub._create(repo_type, repo_id, private, gated=False)
+        self.hub._create(repo_type, repo_id, private, gated=False).creator = self.user
         return _json({"url": url, "name": repo_id})
 
     @_route("DELETE", pattern=r"/api/repos/delete")
