@@ -1,11 +1,30 @@
-"""hubmerge: merge and compress fine-tuned checkpoints of one base model (TALL masks, Consensus Merging)."""
+"""hubmerge: merge and compress fine-tuned checkpoints of one base model (TALL masks, Consensus Merging).
+
+The public names are imported on first use: most of them pull in torch, which would make `hubmerge --help`
+and `hubmerge --version` take seconds.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
 
 __version__ = "0.1.0"
 
-from hubmerge.artifacts import CompressedMerge
-from hubmerge.errors import HubmergeError
-from hubmerge.recipe import Recipe, load_recipe, parse_recipe
-from hubmerge.run import run_recipe
+if TYPE_CHECKING:
+    from hubmerge.artifacts import CompressedMerge
+    from hubmerge.errors import HubmergeError
+    from hubmerge.recipe import Recipe, load_recipe, parse_recipe
+    from hubmerge.run import run_recipe
+
+_HOMES = {
+    "CompressedMerge": "hubmerge.artifacts",
+    "HubmergeError": "hubmerge.errors",
+    "Recipe": "hubmerge.recipe",
+    "load_recipe": "hubmerge.recipe",
+    "parse_recipe": "hubmerge.recipe",
+    "run_recipe": "hubmerge.run",
+}
 
 __all__ = [
     "CompressedMerge",
@@ -16,3 +35,16 @@ __all__ = [
     "parse_recipe",
     "run_recipe",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    home = _HOMES.get(name)
+    if home is None:
+        raise AttributeError(f"module 'hubmerge' has no attribute {name!r}")
+    value = getattr(importlib.import_module(home), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *_HOMES})

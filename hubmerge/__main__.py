@@ -2,4 +2,4 @@
 
 from hubmerge.cli import app
 
-app()
+app(prog_name="hubmerge")

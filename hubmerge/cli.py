@@ -1,39 +1,98 @@
-"""The `hubmerge` command line: run recipes, rebuild task models from artifacts, inspect outputs."""
+"""The `hubmerge` command line: run recipes, rebuild task models from artifacts, inspect outputs.
+
+Only typer is imported up front, so `hubmerge --help` and `--version` answer at once; each command imports
+what it needs (torch, the Hub client) when it runs. Results go to stdout, progress bars, summaries and
+errors to stderr.
+"""
 
 from __future__ import annotations
 
 import json
 import signal
+import sys
+import time
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
-from rich.console import Console
-from rich.markup import escape
-from rich.table import Table
 
-from hubmerge.artifacts import MANIFEST, CompressedMerge
-from hubmerge.card import histogram_rows, storage_rows
+import hubmerge
+from hubmerge.cli_base import Command, Group
 from hubmerge.errors import HubmergeError
 
+if TYPE_CHECKING:
+    from rich.console import Console
+
+    from hubmerge.sources import Checkpoint
+
 app = typer.Typer(
+    name="hubmerge",
+    cls=Group,
     help=(
         "Merge and compress fine-tuned checkpoints of one base model: TALL masks, Consensus Merging, TIES, "
-        "Task Arithmetic (Wang, Dimitriadis et al., ICML 2024). Start with `hubmerge run RECIPE.yaml`."
+        "Task Arithmetic (Wang, Dimitriadis et al., ICML 2024). Start with `hubmerge run RECIPE`; "
+        "`hubmerge methods` lists the methods and their parameters."
     ),
     no_args_is_help=True,
-    add_completion=False,
+    context_settings={"help_option_names": ["-h", "--help"]},
+    rich_markup_mode="markdown",
     pretty_exceptions_enable=False,
 )
-console = Console()
-if not console.is_terminal:
-    # Rich falls back to 80 columns for pipes and logs, which folds paths and numbers in the tables.
-    console.width = 120
-errors = Console(stderr=True)
+
+
+def command(name: str | None = None) -> Any:
+    return app.command(name=name, cls=Command)
+
+
+def _remember_verbose(ctx: typer.Context, value: bool) -> bool:
+    if value:
+        ctx.ensure_object(dict)["verbose"] = True
+    return value
+
+
+def _print_version(value: bool) -> None:
+    if value:
+        typer.echo(f"hubmerge {hubmerge.__version__}")
+        raise typer.Exit()
+
+
+Verbose = Annotated[
+    bool,
+    typer.Option(
+        "--verbose",
+        "-v",
+        callback=_remember_verbose,
+        help="More detail: resolved sources and timing; on an error, its traceback and cause.",
+    ),
+]
+
+
+DEVICES = ("cpu", "cuda", "auto")
+DTYPES = ("auto", "float32", "bfloat16", "float16")
+
+DeviceOption = Annotated[
+    str,
+    typer.Option(
+        metavar="|".join(DEVICES),
+        autocompletion=lambda: list(DEVICES),
+        help="cpu, cuda, or auto (the GPU when there is one).",
+    ),
+]
+ShardSize = Annotated[
+    str, typer.Option(metavar="SIZE", help="Largest weights file before sharding, e.g. 5GB or 500MB.")
+]
 
 
 @app.callback()
-def _on_start() -> None:
+def _on_start(
+    ctx: typer.Context,
+    version: Annotated[
+        bool,
+        typer.Option("--version", callback=_print_version, is_eager=True, help="Print the version and exit."),
+    ] = False,
+    verbose: Verbose = False,
+) -> None:
+    ctx.ensure_object(dict)["verbose"] = verbose
     # A SIGTERM (a scheduler's timeout, torchrun stopping the other processes of a failed run) then unwinds
     # like Ctrl-C: staging and search directories are removed and the previous output stays as it was.
     signal.signal(signal.SIGTERM, _terminate)
@@ -43,166 +102,39 @@ def _terminate(signum: int, _frame: object) -> None:
     raise SystemExit(128 + signum)
 
 
-def _human(n: float) -> str:
-    for unit in ("B", "KB", "MB", "GB", "TB"):
-        if abs(n) < 1000 or unit == "TB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
-        n /= 1000
-    raise AssertionError
+def _console(stderr: bool = False) -> Console:
+    from hubmerge.display import make_console
+
+    return make_console(stderr)
 
 
-def _fail(err: HubmergeError) -> typer.Exit:
-    errors.print(f"[bold red]error:[/] {escape(str(err))}", highlight=False, soft_wrap=True)
-    return typer.Exit(code=2)
+def _echo_json(data: Any) -> None:
+    typer.echo(json.dumps(data, indent=2, ensure_ascii=False))
 
 
-def _print_plan(plan: dict[str, Any]) -> None:
-    table = Table(title=f"Plan for {plan['recipe']} (dry run: nothing is written)")
-    for column in ("role", "name", "source", "revision"):
-        table.add_column(column)
-    for s in plan["sources"]:
-        table.add_row(s["role"], s["name"], s["location"], s["revision"] or "local")
-    console.print(table)
-    console.print(f"method        {plan['method']} -> {plan['result']}")
-    console.print(f"parameters    {json.dumps(plan['parameters'])}")
-    tensors = plan["tensors"]
-    console.print(f"tensors       {tensors['merged']} merged, {tensors['copied']} copied from the base")
-    console.print(f"d (counted)   {plan['parameters_counted']:,} entries")
-    console.print(f"passes        {len(plan['passes'])}: {', '.join(plan['passes'])}")
-    console.print(f"bytes to read {_human(plan['bytes_to_read'])}")
-    console.print(f"output size   {_human(plan['output_bytes'])}")
-    console.print(f"peak memory   ~{_human(plan['peak_memory_estimate'])} for tensors (estimate)")
-
-
-def _histogram_table(record: dict[str, Any]) -> Table | None:
-    rows = histogram_rows(record)
-    if not rows:
-        return None
-    t = len(record["tasks"])
-    table = Table(title="Mask agreement: entries contained in exactly c task masks")
-    for column in ("c", "entries", "share", "active entries"):
-        table.add_column(column, justify="right")
-    for c, n, share, active in rows:
-        label = (
-            f"{c} (catastrophic)"
-            if c == 0
-            else f"{c} (selfish)"
-            if c == 1
-            else f"{c} (all)"
-            if c == t
-            else str(c)
-        )
-        table.add_row(label, f"{n:,}", share, f"{active:,}")
-    return table
-
-
-def _storage_table(record: dict[str, Any]) -> Table:
-    storage = record["storage"]
-    table = Table(
-        title=f"Storage: P′ = {storage['parameters']:,} entries, T = {storage['tasks']} "
-        f"(base stored at {storage['base_bits_per_entry']:g} bits/entry)"
-    )
-    for column, justify in (("what", "left"), ("bits", "right"), ("vs T fp32 copies", "right")):
-        table.add_column(column, justify=justify)
-    for name, bits, ratio in storage_rows(storage):
-        table.add_row(name, f"{bits:,}", ratio)
-    return table
-
-
-def _print_record(record: dict[str, Any], directory: Path) -> None:
-    table = Table(title=f"{record['method']} ({record['result']}) in {directory}")
-    for column in ("task", "source", "revision", "setting", "mask entries"):
-        table.add_column(column)
-    d = record["parameters_counted"]
-    for task in record["tasks"]:
-        setting = (
-            f"λ = {task['lambda']:g}"
-            if "lambda" in task
-            else f"density {task['density']:g}"
-            if "density" in task
-            else ""
-        )
-        kept = task.get("mask_kept")
-        table.add_row(
-            task["name"],
-            task["location"],
-            task["revision"] or "local",
-            setting,
-            f"{kept:,} ({100 * kept / d:.2f} %)" if kept is not None else "",
-        )
-    console.print(table)
-    if record["result"] == "compressed":
-        console.print(_storage_table(record))
-    histogram = _histogram_table(record)
-    if histogram is not None:
-        console.print(histogram)
-        hist = record["stats"]["agreement_histogram"]
-        console.print(
-            f"catastrophic (in no mask): {100 * hist[0] / d:.2f} %   selfish (in exactly one): {100 * hist[1] / d:.2f} %"
-        )
-    if "consensus_kept" in record["stats"]:
-        kept = record["stats"]["consensus_kept"]
-        console.print(f"consensus keeps {kept:,} of {d:,} entries ({100 * kept / d:.2f} %)")
-    if "search" in record:
-        _print_search(record["search"])
-    if "evaluation" in record:
-        _print_evaluation(record["evaluation"])
-
-
-def _print_search(search: dict[str, Any]) -> None:
-    candidates = search["candidates"]
-    settings = [k for k in candidates[0] if k not in ("accuracy", "normalized", "mean_normalized")]
-    tasks = list(candidates[0]["normalized"])
-    table = Table(title=f"Search on the {search['split']} split (normalized score per task)")
-    for column in (*settings, *tasks, "mean"):
-        table.add_column(column, justify="right")
-    for row in candidates:
-        table.add_row(
-            *(f"{row[k]:g}" for k in settings),
-            *(f"{100 * row['normalized'][t]:.1f}" for t in tasks),
-            f"{100 * row['mean_normalized']:.1f}",
-        )
-    console.print(table)
-    console.print("chosen: " + ", ".join(f"{k} = {json.dumps(v)}" for k, v in search["chosen"].items()))
-
-
-def _print_evaluation(evaluation: dict[str, Any]) -> None:
-    tasks = list(evaluation["datasets"])
-    table = Table(
-        title=f"{evaluation['metric']} on the {evaluation['split']} split (%; normalized = / fine-tuned)"
-    )
-    for column in ("model", *tasks, "mean", "mean normalized"):
-        table.add_column(column, justify="right" if column != "model" else "left")
-    for name, row in evaluation["rows"].items():
-        table.add_row(
-            name,
-            *(f"{100 * row['accuracy'][t]:.2f}" for t in tasks),
-            f"{100 * row['mean_accuracy']:.2f}",
-            f"{100 * row['mean_normalized']:.1f}",
-        )
-    console.print(table)
-
-
-@app.command()
+@command()
 def run(
     recipe: Annotated[
-        Path, typer.Argument(help="The YAML recipe (see README: base, models, method, parameters).")
+        Path,
+        typer.Argument(
+            metavar="RECIPE", help="The YAML recipe (see README: base, models, method, parameters)."
+        ),
     ],
     output: Annotated[
         Path | None,
         typer.Option("--output", "-o", help="Output directory (overrides `output:` in the recipe)."),
     ] = None,
-    overwrite: Annotated[bool, typer.Option(help="Replace a non-empty output directory.")] = False,
+    overwrite: Annotated[
+        bool, typer.Option("--overwrite", help="Replace a non-empty output directory.")
+    ] = False,
     dry_run: Annotated[
         bool,
         typer.Option(
             "--dry-run", help="Validate and print the plan (sources, passes, sizes); write nothing."
         ),
     ] = False,
-    device: Annotated[str, typer.Option(help="cpu, cuda, or auto (the GPU when there is one).")] = "auto",
-    max_shard_size: Annotated[
-        str, typer.Option(help="Largest weights file before sharding, e.g. 5GB or 500MB.")
-    ] = "5GB",
+    device: DeviceOption = "auto",
+    max_shard_size: ShardSize = "5GB",
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars or summary tables.")] = False,
     locked: Annotated[
         bool,
@@ -223,6 +155,21 @@ def run(
             "output). Runs started by torchrun or `accelerate launch` join their process group by themselves.",
         ),
     ] = 1,
+    allow_nonfinite: Annotated[
+        bool,
+        typer.Option(
+            "--allow-nonfinite",
+            help="Merge even if a model has NaN/Inf weights; their counts are recorded in hubmerge.json "
+            "and the card.",
+        ),
+    ] = False,
+    as_json: Annotated[
+        bool,
+        typer.Option(
+            "--json", help="Print the run record (or the --dry-run plan) as JSON on stdout, no tables."
+        ),
+    ] = False,
+    verbose: Verbose = False,
 ) -> None:
     """Run a merge recipe: a merged model directory, or a compressed artifact (TALL / magnitude masks).
 
@@ -231,138 +178,211 @@ def run(
     On the CPU the arithmetic runs in fused C kernels, compiled with the system C compiler on first use
     (same results; HUBMERGE_FUSED=0 uses torch operations instead).
     """
+    from hubmerge.display import human, print_plan, print_published, print_record, print_timing
     from hubmerge.distributed import join, launch, leave
     from hubmerge.engine import plan_summary, prepare, resolve_device
+    from hubmerge.hub import check_push_access
     from hubmerge.lock import read_lock
+    from hubmerge.output import check_output_path
     from hubmerge.recipe import load_recipe
-    from hubmerge.run import publish_output, resolve_output, run_recipe
-    from hubmerge.writer import check_output_path
+    from hubmerge.run import publish_output, recipe_inputs, resolve_output, run_recipe
+    from hubmerge.writer import parse_shard_size
 
-    try:
-        parsed = load_recipe(recipe)
-        lock = read_lock(recipe) if locked else None
-        if dry_run:
-            check_output_path(resolve_output(parsed, output), overwrite)
-            job = prepare(parsed, str(recipe), lock=lock)
-            _print_plan(plan_summary(job))
-            if parsed.push and push:
-                console.print(f"push to      {parsed.push.repo_id} (export: {parsed.push.export})")
-            job.close()
-            return
-        if num_processes > 1:
-            relaunched = ["run", str(recipe), "--device", device, "--max-shard-size", max_shard_size]
-            relaunched += ["--output", str(output)] if output else []
-            relaunched += [
-                flag
-                for flag, on in (
-                    ("--overwrite", overwrite),
-                    ("-q", quiet),
-                    ("--locked", locked),
-                    ("--no-push", not push),
-                )
-                if on
-            ]
-            raise typer.Exit(launch(num_processes, relaunched))
-        group, torch_device = join(resolve_device(device))
-        try:
-            result = run_recipe(
-                parsed,
-                str(recipe),
-                output=output,
-                overwrite=overwrite,
-                device=torch_device,
-                max_shard_size=max_shard_size,
-                show_progress=not quiet,
-                lock=lock,
-                group=group,
+    started = time.perf_counter()
+    parse_shard_size(max_shard_size)
+    torch_device = resolve_device(device)
+    parsed = load_recipe(recipe)
+    lock = read_lock(recipe) if locked else None
+    target = parsed.push if push else None
+    # a run that cannot publish fails now, not after the merge
+    pusher = check_push_access(target) if target is not None else None
+    if dry_run:
+        state = check_output_path(
+            resolve_output(parsed, output), overwrite, recipe_inputs(parsed, str(recipe))
+        )
+        job = prepare(parsed, str(recipe), lock=lock)
+        plan = plan_summary(job)
+        plan["output"] = state.describe()
+        if target is not None:
+            plan["push"] = {"repo_id": target.repo_id, "user": pusher, "export": target.export}
+        if as_json:
+            _echo_json(plan)
+        else:
+            print_plan(_console(), plan)
+        job.close()
+        return
+    if num_processes > 1:
+        relaunched = ["run", str(recipe), "--device", device, "--max-shard-size", max_shard_size]
+        relaunched += ["--output", str(output)] if output else []
+        relaunched += [
+            flag
+            for flag, on in (
+                ("--overwrite", overwrite),
+                ("-q", quiet),
+                ("--locked", locked),
+                ("--no-push", not push),
+                ("--allow-nonfinite", allow_nonfinite),
+                ("--json", as_json),
+                ("-v", verbose),
             )
-        finally:
-            leave()
-    except HubmergeError as err:
-        raise _fail(err) from None
+            if on
+        ]
+        raise typer.Exit(launch(num_processes, relaunched))
+    group, torch_device = join(torch_device)
+    try:
+        result = run_recipe(
+            parsed,
+            str(recipe),
+            output=output,
+            overwrite=overwrite,
+            device=torch_device,
+            max_shard_size=max_shard_size,
+            show_progress=not quiet,
+            lock=lock,
+            group=group,
+            allow_nonfinite=allow_nonfinite,
+        )
+    finally:
+        leave()
     if not group.is_main:
         return
-    if not quiet:
-        _print_record(result.record, result.output)
-    console.print(
-        f"wrote {result.output} ({result.record['result']}, {result.record['seconds']:.1f} s, "
-        f"read {_human(result.record['bytes_read'])})"
-    )
-    if parsed.push and push:
-        try:
-            published = publish_output(result.output, parsed.push)
-        except HubmergeError as err:
-            raise _fail(err) from None
-        _print_published(published)
+    record = result.record
+    summary = _console(stderr=True)
+    if as_json:
+        _echo_json(record)
+    elif not quiet:
+        print_record(summary, record, result.output)
+    if verbose:
+        print_timing(summary, record, time.perf_counter() - started)
+    wrote = f"wrote {result.output} ({record['result']}, {record['seconds']:.1f} s, read {human(record['bytes_read'])})"
+    (summary if as_json else _console()).print(wrote, highlight=False, soft_wrap=True)
+    if target is not None:
+        print_published(publish_output(result.output, target), summary if as_json else _console())
 
 
-def _print_published(published: Any) -> None:
-    console.print(f"pushed: {published.commit_url}", highlight=False, soft_wrap=True)
-    if published.pr_url:
-        console.print(f"pull request: {published.pr_url}", highlight=False, soft_wrap=True)
+@command()
+def validate(
+    recipe: Annotated[Path, typer.Argument(metavar="RECIPE", help="The YAML recipe to check.")],
+    verbose: Verbose = False,
+) -> None:
+    """Check a recipe and its sources without reading any weights.
+
+    Parses the recipe and the method's parameters, resolves every Hub source to its commit (downloading
+    nothing), and opens the headers of local sources to check that every model matches the base.
+    """
+    from hubmerge.display import print_validation
+    from hubmerge.engine import locate_sources
+    from hubmerge.recipe import load_recipe
+    from hubmerge.sources import check_compatible, open_source
+
+    parsed = load_recipe(recipe)
+    located = locate_sources(parsed)
+    local: dict[str, Checkpoint] = {}
+    try:
+        for spec, where in located.items():
+            if isinstance(where, Path):
+                local[spec] = open_source(spec, where)  # a local source: its headers only
+        if parsed.base in local:
+            names = [n for n, s in zip(parsed.task_names, parsed.sources, strict=True) if s in local]
+            models = [local[s] for s in parsed.sources if s in local]
+            check_compatible(local[parsed.base], models, names, parsed.selects)
+    finally:
+        for ckpt in local.values():
+            ckpt.close()
+    print_validation(_console(), recipe, parsed, located, {spec: len(c.infos) for spec, c in local.items()})
 
 
-@app.command(name="eval")
+@command()
+def methods(verbose: Verbose = False) -> None:
+    """List the merge methods with their parameters, defaults and what each computes."""
+    from hubmerge.display import print_methods
+
+    print_methods(_console())
+
+
+@command(name="eval")
 def eval_command(
     recipe: Annotated[
-        Path, typer.Argument(help="The recipe whose output to score (needs an `evaluation:` section).")
+        Path,
+        typer.Argument(
+            metavar="RECIPE", help="The recipe whose output to score (needs an `evaluation:` section)."
+        ),
     ],
     output: Annotated[
         Path | None,
         typer.Option("--output", "-o", help="The output directory (default: the recipe's `output:`)."),
     ] = None,
-    device: Annotated[str, typer.Option(help="cpu, cuda, or auto (the GPU when there is one).")] = "auto",
+    device: DeviceOption = "auto",
+    verbose: Verbose = False,
 ) -> None:
     """Score an existing output: zero-shot, fine-tuned and merged rows, absolute and normalized.
 
     Writes the results into the output's hubmerge.json and model card (model-index).
     """
+    from hubmerge.display import print_evaluation
+    from hubmerge.engine import resolve_device
     from hubmerge.recipe import load_recipe
     from hubmerge.run import evaluate_output
 
-    try:
-        evaluation = evaluate_output(load_recipe(recipe), str(recipe), output=output, device=device)
-    except HubmergeError as err:
-        raise _fail(err) from None
-    _print_evaluation(evaluation)
+    resolve_device(device)
+    evaluation = evaluate_output(load_recipe(recipe), str(recipe), output=output, device=device)
+    print_evaluation(_console(), evaluation)
 
 
-@app.command()
+@command()
 def lock(
-    recipe: Annotated[Path, typer.Argument(help="The YAML recipe whose Hub sources to pin.")],
+    recipe: Annotated[
+        Path, typer.Argument(metavar="RECIPE", help="The YAML recipe whose Hub sources to pin.")
+    ],
+    verbose: Verbose = False,
 ) -> None:
     """Pin every Hub source of RECIPE to the commit it resolves to now, in RECIPE.lock.yaml.
 
     `hubmerge run RECIPE --locked` then refuses to run when a source has moved. Downloads no weights.
     """
+    from hubmerge.display import print_lock
     from hubmerge.engine import locate_sources
     from hubmerge.hub import HubSource
     from hubmerge.lock import write_lock
     from hubmerge.recipe import load_recipe
 
-    try:
-        located = locate_sources(load_recipe(recipe))
-        hub_sources = {spec: where for spec, where in located.items() if isinstance(where, HubSource)}
-        written = write_lock(recipe, hub_sources)
-    except HubmergeError as err:
-        raise _fail(err) from None
-    table = Table(title=f"{written}: {len(hub_sources)} Hub sources pinned")
-    for column in ("source", "commit"):
-        table.add_column(column)
-    for spec, where in hub_sources.items():
-        table.add_row(spec, where.sha)
-    console.print(table)
-    local = len(located) - len(hub_sources)
-    if local:
-        console.print(f"{local} local source(s) are not locked (their files are not under version control).")
+    located = locate_sources(load_recipe(recipe))
+    hub_sources = {spec: where for spec, where in located.items() if isinstance(where, HubSource)}
+    written = write_lock(recipe, hub_sources)
+    print_lock(_console(), written, {spec: where.sha for spec, where in hub_sources.items()}, len(located))
 
 
-@app.command(name="push")
+def _legacy_push_order(first: str, second: str) -> tuple[str, str]:
+    """(repo id, path): `hubmerge push OUTPUT_DIR REPO_ID`, the order of earlier versions, works with a warning."""
+    from hubmerge.output import MANIFEST
+    from hubmerge.recipe import is_hub_id
+
+    if (Path(first) / MANIFEST).is_file() and is_hub_id(second) and not Path(second).exists():
+        print(
+            f"warning: `hubmerge push OUTPUT REPO_ID` is deprecated; write `hubmerge push {second} {first}` "
+            "(the order of `hf upload`)",
+            file=sys.stderr,
+        )
+        return second, first
+    return first, second
+
+
+@command(name="push")
 def push_command(
-    output: Annotated[Path, typer.Argument(help="An output directory of `hubmerge run`.")],
     repo_id: Annotated[
-        str, typer.Argument(help="The Hub repo to publish to, `user/name` (created if missing).")
+        str,
+        typer.Argument(
+            metavar="REPO_ID", help="The Hub repo to publish to, `user/name` (created if missing)."
+        ),
     ],
+    path: Annotated[str, typer.Argument(metavar="PATH", help="An output directory of `hubmerge run`.")] = ".",
+    commit_message: Annotated[
+        str | None, typer.Option("--commit-message", "-m", help="Commit message.")
+    ] = None,
+    token: Annotated[
+        str | None,
+        typer.Option(help="A Hub token with write access (default: HF_TOKEN or the `hf auth login` one)."),
+    ] = None,
     private: Annotated[
         bool,
         typer.Option("--private", help="Create the repo as private (an existing repo keeps its visibility)."),
@@ -373,97 +393,158 @@ def push_command(
     create_pr: Annotated[
         bool, typer.Option("--create-pr", help="Open a pull request instead of committing.")
     ] = False,
-    message: Annotated[str | None, typer.Option("--message", "-m", help="Commit message.")] = None,
     export: Annotated[
         str,
         typer.Option(
-            help="`subfolders`: also store each task's rebuilt model in <task>/ (compressed artifacts), "
-            "so plain transformers loads it with subfolder=<task>."
+            help="`subfolders`: also store each task's rebuilt model in a subfolder named after the task "
+            "(compressed artifacts), so plain transformers loads it with `subfolder=`."
         ),
     ] = "none",
+    verbose: Verbose = False,
 ) -> None:
     """Publish an output directory to the Hub: one commit, files the repo already has are skipped.
 
-    Rewrites the output's README.md (model card) for REPO_ID first. Safe to re-run after a failed upload.
+    Arguments and options as `hf upload`. Rewrites the output's README.md (model card) for REPO_ID
+    first. Safe to re-run after a failed upload.
     """
     from pydantic import ValidationError
 
+    from hubmerge.display import print_published
+    from hubmerge.hub import check_push_access
     from hubmerge.recipe import PushTarget
     from hubmerge.run import publish_output
 
+    repo_id, path = _legacy_push_order(repo_id, path)
     try:
         target = PushTarget(
             repo_id=repo_id,
             private=private,
             revision=revision,
             create_pr=create_pr,
-            commit_message=message,
+            commit_message=commit_message,
             export=export,
         )
     except ValidationError as err:
         first = err.errors()[0]
         field = ".".join(str(p) for p in first["loc"])
-        raise _fail(
-            HubmergeError(f"{'REPO_ID' if field == 'repo_id' else '--' + field}: {first['msg']}")
-        ) from None
-    try:
-        published = publish_output(output, target)
-    except HubmergeError as err:
-        raise _fail(err) from None
-    _print_published(published)
+        raise HubmergeError(f"{'REPO_ID' if field == 'repo_id' else '--' + field}: {first['msg']}") from None
+    check_push_access(target, token=token)
+    directory = Path(path)
+    # `.` has no name, and the default commit message names the directory
+    directory = directory if directory.name else directory.resolve()
+    print_published(publish_output(directory, target, token=token), _console())
 
 
-def _open_artifact(artifact: str) -> CompressedMerge:
-    from hubmerge.recipe import is_hub_id, split_revision
-
-    if is_hub_id(artifact):
-        repo_id, revision = split_revision(artifact)
-        return CompressedMerge.from_pretrained(repo_id, revision=revision)
-    return CompressedMerge.from_pretrained(artifact)
-
-
-@app.command()
+@command()
 def materialize(
     artifact: Annotated[
-        str, typer.Argument(help="A compressed artifact: a directory, or a Hub repo `user/name[@revision]`.")
+        str,
+        typer.Argument(
+            metavar="ARTIFACT",
+            help="A compressed artifact: a directory, or a Hub repo `user/name[@revision]`.",
+        ),
     ],
     task: Annotated[str, typer.Option("--task", "-t", help="Which task's model to rebuild.")],
     output: Annotated[Path, typer.Option("--output", "-o", help="Directory for the rebuilt model.")],
-    overwrite: Annotated[bool, typer.Option(help="Replace a non-empty output directory.")] = False,
+    overwrite: Annotated[
+        bool, typer.Option("--overwrite", help="Replace a non-empty output directory.")
+    ] = False,
     dtype: Annotated[
-        str | None, typer.Option(help="auto, float32, bfloat16 or float16 (default: the artifact's).")
+        str | None,
+        typer.Option(
+            metavar="|".join(DTYPES),
+            autocompletion=lambda: list(DTYPES),
+            help="The weights' dtype (default: the artifact's).",
+        ),
     ] = None,
-    max_shard_size: Annotated[str, typer.Option(help="Largest weights file before sharding.")] = "5GB",
+    max_shard_size: ShardSize = "5GB",
+    verbose: Verbose = False,
 ) -> None:
     """Rebuild one task's model, θ0 + m_t ⊙ τ_MTL, as a directory that transformers loads."""
-    try:
-        merge = _open_artifact(artifact)
-        written = merge.save_task(
-            task, output, overwrite=overwrite, dtype=dtype, max_shard_size=max_shard_size
-        )
-    except HubmergeError as err:
-        raise _fail(err) from None
-    console.print(f"wrote {written} (task {task} of {artifact})")
+    from hubmerge.artifacts import CompressedMerge
+    from hubmerge.recipe import is_hub_id, split_revision
+    from hubmerge.writer import parse_shard_size
+
+    parse_shard_size(max_shard_size)
+    if dtype is not None and dtype not in DTYPES:
+        raise HubmergeError(f"--dtype {dtype}: choose {', '.join(DTYPES)}")
+    repo_id, revision = split_revision(artifact) if is_hub_id(artifact) else (artifact, None)
+    merge = CompressedMerge.from_pretrained(repo_id, revision=revision)
+    written = merge.save_task(task, output, overwrite=overwrite, dtype=dtype, max_shard_size=max_shard_size)
+    _console().print(f"wrote {written} (task {task} of {artifact})", highlight=False, soft_wrap=True)
 
 
-@app.command()
+@command()
 def inspect(
     path: Annotated[
-        Path, typer.Argument(help="An output directory of `hubmerge run` (artifact or merged model).")
+        Path,
+        typer.Argument(
+            metavar="PATH", help="An output directory of `hubmerge run` (artifact or merged model)."
+        ),
     ],
     as_json: Annotated[bool, typer.Option("--json", help="Print the run record as JSON.")] = False,
+    verify: Annotated[
+        bool,
+        typer.Option(
+            "--verify", help="Check every file against the SHA-256 hashes recorded when it was written."
+        ),
+    ] = False,
+    verbose: Verbose = False,
 ) -> None:
     """Tasks, storage (bits as in the paper vs T fine-tuned copies) and the mask agreement histogram."""
-    manifest = path / MANIFEST
-    try:
-        if not manifest.is_file():
-            raise HubmergeError(f"{path}: not a hubmerge output (no {MANIFEST})")
-        record = json.loads(manifest.read_text())
-        if record.get("result") == "compressed":
-            CompressedMerge.from_pretrained(path)  # validates the format version
-    except HubmergeError as err:
-        raise _fail(err) from None
+    from hubmerge.artifacts import CompressedMerge
+    from hubmerge.display import print_record
+    from hubmerge.integrity import verify_output
+    from hubmerge.output import MANIFEST, read_manifest
+
+    if not (path / MANIFEST).is_file():
+        raise HubmergeError(f"{path}: not a hubmerge output (no {MANIFEST})")
+    record = read_manifest(path)
+    if record.get("result") == "compressed":
+        CompressedMerge.from_pretrained(path)  # validates the format version
+    verified = verify_output(path) if verify else None
     if as_json:
-        console.print_json(data=record)
+        _echo_json(record)
+    elif record.get("result") == "task":
+        _console().print(
+            f"{path}: task {record['task']!r} rebuilt from a {record['method']} artifact of base "
+            f"{record['base']['source']}; it loads as it is (AutoModel.from_pretrained)",
+            highlight=False,
+            soft_wrap=True,
+        )
     else:
-        _print_record(record, path)
+        print_record(_console(), record, path)
+    if verified is not None:
+        (_console(stderr=True) if as_json else _console()).print(
+            f"verified {len(verified)} file{'' if len(verified) == 1 else 's'}", highlight=False
+        )
+
+
+@command(name="convert-mergekit")
+def convert_mergekit(
+    config: Annotated[Path, typer.Argument(metavar="CONFIG", help="A mergekit YAML config.")],
+    output: Annotated[
+        Path | None,
+        typer.Option(
+            "--output", "-o", metavar="RECIPE.yaml", help="Write the recipe there (default: stdout)."
+        ),
+    ] = None,
+    overwrite: Annotated[
+        bool, typer.Option("--overwrite", help="Replace an existing --output file.")
+    ] = False,
+    verbose: Verbose = False,
+) -> None:
+    """Convert a mergekit config (linear, task_arithmetic, ties) into the hubmerge recipe of the same merge.
+
+    What hubmerge computes differently, or does not support, is said in the recipe's comments or refused.
+    """
+    from hubmerge.mergekit import convert_mergekit_file
+
+    if output is not None and output.exists() and not overwrite:
+        raise HubmergeError(f"{output} exists (pass --overwrite to replace it)")
+    text = convert_mergekit_file(config)
+    if output is None:
+        typer.echo(text, nl=False)
+        return
+    output.write_text(text, encoding="utf-8")
+    _console().print(f"wrote {output} (from {config}; run it with `hubmerge run {output}`)", highlight=False)

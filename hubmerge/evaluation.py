@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
 
 from hubmerge.errors import HubmergeError
@@ -322,6 +323,7 @@ class Evaluator:
             MofNCompleteColumn(),
             disable=not self.show_progress,
             transient=True,
+            console=Console(stderr=True),  # stdout carries only results
         ) as progress:
             bar = progress.add_task("", total=len(chunks))
             outputs = []

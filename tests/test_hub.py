@@ -186,10 +186,14 @@ def test_second_push_uploads_nothing(
 ) -> None:
     out = tmp_path / "out"
     assert invoke("run", write_recipe(tmp_path), "-q").exit_code == 0
-    assert invoke("push", out, "alice/merged").exit_code == 0
+    assert invoke("push", "alice/merged", out).exit_code == 0
     commits, uploads = hub.commits["alice/merged"], hub.lfs_uploads["alice/merged"]
-    again = invoke("push", out, "alice/merged")
+    again = invoke("push", out, "alice/merged")  # the order before `hf upload`'s, deprecated
     assert again.exit_code == 0, again.output
+    assert again.stderr.splitlines()[0] == (
+        f"warning: `hubmerge push OUTPUT REPO_ID` is deprecated; write `hubmerge push alice/merged {out}` "
+        "(the order of `hf upload`)"
+    )
     assert (hub.commits["alice/merged"], hub.lfs_uploads["alice/merged"]) == (commits, uploads)
 
 
@@ -198,11 +202,11 @@ def test_push_to_a_branch_and_as_a_pull_request(
 ) -> None:
     out = tmp_path / "out"
     assert invoke("run", write_recipe(tmp_path), "-q").exit_code == 0
-    assert invoke("push", out, "alice/merged", "--revision", "dev").exit_code == 0
+    assert invoke("push", "alice/merged", out, "--revision", "dev").exit_code == 0
     assert hub.files("alice/merged", "dev") == local_files(out)
     assert "model.safetensors" not in hub.files("alice/merged", "main")
 
-    pr = invoke("push", out, "alice/merged", "--create-pr", "-m", "merge as a PR")
+    pr = invoke("push", "alice/merged", out, "--create-pr", "-m", "merge as a PR")
     assert pr.exit_code == 0, pr.output
     assert "/discussions/1" in pr.output.replace("\n", "")
     assert hub.files("alice/merged", "refs/pr/1") == local_files(out)
@@ -225,7 +229,7 @@ def test_private_repos_need_the_token(
 
     monkeypatch.setenv("HF_TOKEN", hf_token)
     assert invoke("run", recipe, "-q").exit_code == 0
-    assert invoke("push", tmp_path / "out", "alice/secret", "--private").exit_code == 0
+    assert invoke("push", "alice/secret", tmp_path / "out", "--private").exit_code == 0
     monkeypatch.delenv("HF_TOKEN")
     with pytest.raises(huggingface_hub.errors.RepositoryNotFoundError):
         huggingface_hub.hf_hub_download("alice/secret", "hubmerge.json", token=False)
@@ -336,11 +340,10 @@ def test_offline_mode_reads_the_cache(
 def test_invalid_token_on_push(hub: HubServer, seeded: dict[str, str], tmp_path: Path, monkeypatch) -> None:
     assert invoke("run", write_recipe(tmp_path), "-q").exit_code == 0
     monkeypatch.setenv("HF_TOKEN", "hf_not_a_token")
-    result = invoke("push", tmp_path / "out", "alice/merged")
+    result = invoke("push", "alice/merged", tmp_path / "out")
     assert result.exit_code == 2
     message = " ".join(result.output.split())
-    assert "push to alice/merged failed: not authorised" in message
-    assert f"re-run `hubmerge push {tmp_path / 'out'} alice/merged`" in message
+    assert "cannot push to alice/merged: the Hub does not accept the token (invalid or expired)" in message
 
 
 @pytest.mark.parametrize("fault", ["drop", 500])
@@ -351,13 +354,15 @@ def test_failed_upload_keeps_the_output_and_can_be_pushed_again(
     assert invoke("run", write_recipe(tmp_path), "-q", "--no-push").exit_code == 0
     before = local_files(out)
     hub.inject_fault("POST", r"/api/models/alice/merged/commit/", fault)
-    failed = invoke("push", out, "alice/merged")
+    failed = invoke("push", "alice/merged", out)
     assert failed.exit_code == 2
-    assert "push to alice/merged failed" in " ".join(failed.output.split())
+    message = " ".join(failed.output.split())
+    assert "push to alice/merged failed" in message
+    assert f"the local output {out} is complete; re-run `hubmerge push alice/merged {out}`" in message
     assert local_files(out).keys() == before.keys()
     assert hub.commits["alice/merged"] == 0
 
-    again = invoke("push", out, "alice/merged")
+    again = invoke("push", "alice/merged", out)
     assert again.exit_code == 0, again.output
     assert hub.files("alice/merged") == local_files(out)
 
@@ -378,7 +383,7 @@ def test_compressed_merge_at_a_revision(
 ) -> None:
     out = tmp_path / "out"
     assert invoke("run", write_recipe(tmp_path, "tall_masks"), "-q").exit_code == 0
-    assert invoke("push", out, "alice/tall", "--revision", "v1").exit_code == 0
+    assert invoke("push", "alice/tall", out, "--revision", "v1").exit_code == 0
     with pytest.raises(HubmergeError, match=r"not a hubmerge artifact \(no hubmerge\.json\)"):
         CompressedMerge.from_pretrained("alice/tall")  # nothing on main
     at_branch = CompressedMerge.from_pretrained("alice/tall", revision="v1")
@@ -418,7 +423,7 @@ def test_merged_model_loads_with_the_task_specific_auto_class(
 )
 def test_push_refuses_bad_arguments_before_any_request(hub: HubServer, tmp_path: Path, args, message) -> None:
     hub.requests.clear()
-    result = invoke("push", tmp_path, *args)
+    result = invoke("push", *args, tmp_path)
     assert result.exit_code == 2
     assert message in " ".join(result.output.split())
     assert hub.requests == []

@@ -30,38 +30,48 @@ class NoParams(Params):
 
 
 class TaskArithmeticParams(Params):
-    scaling: Scaling = 1.0
+    scaling: Scaling = Field(1.0, description="α, multiplies the sum of the task vectors")
 
 
 class TiesOptions(Params):
-    density: Density = 0.2
-    merge: TiesMerge = "mean"
-    trim: Literal["global", "tensor"] = "global"
+    density: Density = Field(0.2, description="share of each task vector kept: its largest |τ_t| entries")
+    merge: TiesMerge = Field("mean", description="mean | sum | max of the entries that agree with the sign")
+    trim: Literal["global", "tensor"] = Field(
+        "global", description="global: top density over the whole model (the paper's); tensor: per tensor"
+    )
 
 
 class TiesParams(TiesOptions):
-    scaling: Scaling = 1.0
+    scaling: Scaling = Field(1.0, description="α, multiplies the TIES vector")
 
 
 class InnerTiesOptions(TiesOptions):
     """TIES as TALL masks and Consensus use it: the reference hard-codes K = 20 with dis-sum."""
 
-    merge: TiesMerge = "sum"
+    merge: TiesMerge = Field("sum", description="mean | sum | max of the entries that agree with the sign")
 
 
 class TallParams(Params):
-    merge: Literal["task_arithmetic", "ties"] = "task_arithmetic"
-    lam: Lambda | dict[str, Lambda] = Field(TALL_DEFAULT_LAMBDA, alias="lambda")
-    ties: InnerTiesOptions | None = None
+    merge: Literal["task_arithmetic", "ties"] = Field(
+        "task_arithmetic", description="how τ_MTL is formed: task_arithmetic (Σ τ_t) | ties"
+    )
+    lam: Lambda | dict[str, Lambda] = Field(
+        TALL_DEFAULT_LAMBDA,
+        alias="lambda",
+        description="λ_t in m_t = 1{|τ_t| > λ_t·|τ_MTL − τ_t|}: a number, or {task: λ}",
+    )
+    ties: InnerTiesOptions | None = Field(None, description="TIES options, with merge: ties")
 
 
 class ConsensusParams(TallParams):
-    k: Annotated[int, Field(ge=0, strict=True)] = 2
-    scaling: Scaling = 1.0
+    k: Annotated[int, Field(ge=0, strict=True)] = Field(
+        2, description="keep entries in >= k task masks (1 drops catastrophic, 2 also selfish)"
+    )
+    scaling: Scaling = Field(1.0, description="α, multiplies the filtered τ_MTL")
 
 
 class MagnitudeParams(Params):
-    density: Density = 0.1
+    density: Density = Field(0.1, description="share of each task's entries kept: its largest |τ_t|")
 
 
 @dataclass(frozen=True)
@@ -127,6 +137,7 @@ class MethodSpec:
     result: Literal["merged", "compressed"]
     summary: str
     build: Callable[[Any, list[str]], MergeSpec]
+    description: str  # one line for `hubmerge methods`
 
     def parse(self, raw: dict[str, Any], task_names: list[str]) -> Params:
         """Validate raw recipe parameters against this method and the task list.
@@ -201,6 +212,7 @@ METHODS: dict[str, MethodSpec] = {
             "merged",
             "θ0 + (1/T)·Σ τ_t",
             lambda p, names: MergeSpec("weight_average", "merged", "sum", scaling=1.0 / len(names)),
+            description="the mean of the fine-tuned models",
         ),
         MethodSpec(
             "task_arithmetic",
@@ -208,6 +220,7 @@ METHODS: dict[str, MethodSpec] = {
             "merged",
             "θ0 + α·Σ τ_t",
             lambda p, names: MergeSpec("task_arithmetic", "merged", "sum", scaling=p.scaling),
+            description="the base plus the scaled sum of the task vectors",
         ),
         MethodSpec(
             "ties",
@@ -215,6 +228,7 @@ METHODS: dict[str, MethodSpec] = {
             "merged",
             "θ0 + α·TIES(τ): trim to the top density per task, elect signs, disjoint merge",
             lambda p, names: MergeSpec("ties", "merged", "ties", ties=_ties_spec(p), scaling=p.scaling),
+            description="TIES-Merging: trim each task vector, elect signs, merge the agreeing entries",
         ),
         MethodSpec(
             "consensus",
@@ -230,6 +244,7 @@ METHODS: dict[str, MethodSpec] = {
                 consensus_k=p.k,
                 **_tall_vector(p),
             ),
+            description="Consensus Merging: drop the entries fewer than k TALL masks contain",
         ),
         MethodSpec(
             "tall_masks",
@@ -239,6 +254,7 @@ METHODS: dict[str, MethodSpec] = {
             lambda p, names: MergeSpec(
                 "tall_masks", "compressed", masks="tall", lambdas=_lambdas(p, names), **_tall_vector(p)
             ),
+            description="TALL masks: one merged vector plus a binary mask per task",
         ),
         MethodSpec(
             "magnitude_masking",
@@ -248,6 +264,7 @@ METHODS: dict[str, MethodSpec] = {
             lambda p, names: MergeSpec(
                 "magnitude_masking", "compressed", "sum", masks="magnitude", mask_density=p.density
             ),
+            description="the summed task vectors with a magnitude mask per task",
         ),
         MethodSpec(
             "magnitude_pruning",
@@ -262,6 +279,7 @@ METHODS: dict[str, MethodSpec] = {
                 mask_density=p.density,
                 own_values=True,
             ),
+            description="each task vector pruned to its largest entries, stored sparsely",
         ),
     ]
 }
