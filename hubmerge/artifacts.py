@@ -438,7 +438,13 @@ class CompressedMerge(
     def export_task(self, task: str, max_shard_size: int | str = "5GB") -> Path:
         """Write task `task`'s model into the artifact's own subfolder `<task>/` (`export: subfolders`)."""
         return self._write_task(
-            task, self.directory / task, True, None, max_shard_size, [("the base", self.base.root)]
+            task,
+            self.directory / task,
+            True,
+            None,
+            max_shard_size,
+            [("the base", self.base.root)],
+            self.directory,
         )
 
     def _write_task(
@@ -449,13 +455,14 @@ class CompressedMerge(
         dtype: str | None,
         max_shard_size: int | str,
         protected: list[tuple[str, Path]],
+        inside: Path | None = None,
     ) -> Path:
         dtype = dtype or self.manifest["dtype"]
         if dtype != "auto" and dtype not in OUTPUT_DTYPES:
             raise HubmergeError(f"--dtype {dtype}: choose auto, {', '.join(OUTPUT_DTYPES)}")
         parse_shard_size(max_shard_size)
         self._task_file(MASK_DIR, task)
-        with atomic_directory(target, overwrite, protected) as staging:
+        with atomic_directory(target, overwrite, protected, inside) as staging:
             infos = self.base.infos
             slots = [
                 Slot(k, output_dtype(dtype, i.dtype) if i.is_float else i.dtype, i.shape)

@@ -180,7 +180,7 @@ def run(
     """
     from hubmerge.display import human, print_plan, print_published, print_record, print_timing
     from hubmerge.distributed import join, launch, leave
-    from hubmerge.engine import plan_summary, prepare, resolve_device
+    from hubmerge.engine import locate_sources, plan_summary, prepare, resolve_device
     from hubmerge.hub import check_push_access
     from hubmerge.lock import read_lock
     from hubmerge.output import check_output_path
@@ -212,6 +212,9 @@ def run(
         job.close()
         return
     if num_processes > 1:
+        # what every process would refuse alike is refused here, once
+        check_output_path(resolve_output(parsed, output), overwrite, recipe_inputs(parsed, str(recipe)))
+        locate_sources(parsed)
         relaunched = ["run", str(recipe), "--device", device, "--max-shard-size", max_shard_size]
         relaunched += ["--output", str(output)] if output else []
         relaunched += [
@@ -411,6 +414,7 @@ def push_command(
 
     from hubmerge.display import print_published
     from hubmerge.hub import check_push_access
+    from hubmerge.output import read_manifest
     from hubmerge.recipe import PushTarget
     from hubmerge.run import publish_output
 
@@ -428,10 +432,11 @@ def push_command(
         first = err.errors()[0]
         field = ".".join(str(p) for p in first["loc"])
         raise HubmergeError(f"{'REPO_ID' if field == 'repo_id' else '--' + field}: {first['msg']}") from None
-    check_push_access(target, token=token)
     directory = Path(path)
     # `.` has no name, and the default commit message names the directory
     directory = directory if directory.name else directory.resolve()
+    read_manifest(directory)  # a wrong PATH is said before any request
+    check_push_access(target, token=token)
     print_published(publish_output(directory, target, token=token), _console())
 
 
@@ -495,10 +500,8 @@ def inspect(
     from hubmerge.artifacts import CompressedMerge
     from hubmerge.display import print_record
     from hubmerge.integrity import verify_output
-    from hubmerge.output import MANIFEST, read_manifest
+    from hubmerge.output import read_manifest
 
-    if not (path / MANIFEST).is_file():
-        raise HubmergeError(f"{path}: not a hubmerge output (no {MANIFEST})")
     record = read_manifest(path)
     if record.get("result") == "compressed":
         CompressedMerge.from_pretrained(path)  # validates the format version
@@ -540,6 +543,8 @@ def convert_mergekit(
     """
     from hubmerge.mergekit import convert_mergekit_file
 
+    if output is not None and output.resolve() == config.resolve():
+        raise HubmergeError(f"--output {output} is the mergekit config itself; write the recipe elsewhere")
     if output is not None and output.exists() and not overwrite:
         raise HubmergeError(f"{output} exists (pass --overwrite to replace it)")
     text = convert_mergekit_file(config)

@@ -4,14 +4,20 @@ stderr and exit code 2 (the traceback too with -v), and usage lines name argumen
 from __future__ import annotations
 
 import errno
+import json
+import os
 import sys
 import traceback
+from pathlib import Path
 from typing import Any, NoReturn
 
 import typer
 from typer.core import TyperCommand, TyperGroup
 
 from hubmerge.errors import HubmergeError
+
+# Set by `hubmerge run --num-processes` for its processes: where each writes the error it stopped on.
+ERRORS_DIRECTORY = "HUBMERGE_ERRORS"
 
 # typer vendors click and exports only this subclass of click's UsageError (bad values, unknown options,
 # missing arguments); its base catches them all.
@@ -69,9 +75,16 @@ class Group(TyperGroup):
             # the cause is often chained with `from None` to keep the one-line message short; show it here
             err.__suppress_context__ = False
             traceback.print_exception(type(err), err, err.__traceback__, file=sys.stderr)
-        from hubmerge.display import error_line
+        errors = os.environ.get(ERRORS_DIRECTORY)
+        if errors and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+            # a process of `--num-processes`: the launcher prints one line for the run (the others stop
+            # because this one did, and would only report their broken connections)
+            report = {"code": code, "message": message}
+            (Path(errors) / f"{os.environ.get('RANK', '0')}.json").write_text(json.dumps(report))
+        else:
+            from hubmerge.display import error_line
 
-        error_line(message)
+            error_line(message)
         raise typer.Exit(code) from None
 
 

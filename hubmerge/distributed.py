@@ -10,15 +10,19 @@ single-process values, and every output byte has a fixed position, so the files 
 from __future__ import annotations
 
 import datetime as dt
+import json
 import os
 import subprocess
 import sys
+import tempfile
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
 import torch.distributed as dist
 
+from hubmerge.cli_base import ERRORS_DIRECTORY
 from hubmerge.errors import HubmergeError
 
 # A search or an evaluation runs on rank 0 alone while the other ranks wait for its result.
@@ -112,6 +116,20 @@ def leave() -> None:
         dist.destroy_process_group()
 
 
+# torchrun without its agent's report and traceback when a process fails: `launch` reports the failure.
+TORCHRUN = """
+import logging, sys
+from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+from torch.distributed.run import main
+logging.getLogger("torch.distributed.elastic").setLevel(logging.CRITICAL)
+try:
+    main(sys.argv[1:])
+except ChildFailedError as failed:
+    code = failed.get_first_failure()[1].exitcode
+    sys.exit(code if code > 0 else 128 - code)
+"""
+
+
 def launch(num_processes: int, hubmerge_args: list[str]) -> int:
     """Run `hubmerge <hubmerge_args>` in `num_processes` processes on this machine through torchrun.
 
@@ -121,8 +139,8 @@ def launch(num_processes: int, hubmerge_args: list[str]) -> int:
         raise HubmergeError("--num-processes: this process was already started by a distributed launcher")
     command = [
         sys.executable,
-        "-m",
-        "torch.distributed.run",
+        "-c",
+        TORCHRUN,
         "--standalone",
         f"--nproc-per-node={num_processes}",
         "--module",
@@ -132,4 +150,16 @@ def launch(num_processes: int, hubmerge_args: list[str]) -> int:
     env = dict(os.environ)
     # torchrun would otherwise set 1 thread per process and print a warning about it; say it explicitly.
     env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // num_processes)))
-    return subprocess.run(command, env=env, check=False).returncode
+    env.setdefault("LOGLEVEL", "CRITICAL")
+    with tempfile.TemporaryDirectory(prefix="hubmerge-errors-") as errors:
+        env[ERRORS_DIRECTORY] = errors
+        code = subprocess.run(command, env=env, check=False).returncode
+        reports = [json.loads(path.read_text()) for path in sorted(Path(errors).glob("*.json"))]
+    if code == 0 or not reports:
+        return code
+    # a hubmerge error says why the run stopped; the other processes then only saw their peer disappear
+    report = min(reports, key=lambda r: r["code"] != 2)
+    from hubmerge.display import error_line
+
+    error_line(report["message"])
+    return report["code"]

@@ -368,9 +368,10 @@ class Engine:
         self.bytes_read = 0
         # SHA-256 of the output files this process wrote whole, computed while writing them
         self.digests: dict[str, str] = {}
+        self._bars: list[Progress] = []
 
     def _progress(self) -> Progress:
-        return Progress(
+        progress = Progress(
             TextColumn("{task.description}"),
             BarColumn(),
             MofNCompleteColumn(),
@@ -380,6 +381,15 @@ class Engine:
             # stdout carries only the result (the `wrote` line, `--json`), so scripts can read it
             console=Console(stderr=True),
         )
+        self._bars.append(progress)
+        return progress
+
+    def close(self) -> None:
+        """Stop the progress bars of passes that an error left open (their generators are closed only when
+        the error's traceback goes), so that the error line comes after them."""
+        for progress in self._bars:
+            progress.stop()
+        self._bars.clear()
 
     def _blocks(self, keys: list[str], whole: bool = False, stride: int = 1) -> list[tuple[str, Rows]]:
         """This process's share of the pieces of `keys` (all of them when it runs alone), in key order;

@@ -17,9 +17,8 @@ from pathlib import Path
 from typing import Any
 
 from hubmerge.errors import HubmergeError
-from hubmerge.output import MANIFEST, read_manifest
+from hubmerge.output import MANIFEST, foreign_entries, output_files, read_manifest
 
-UNHASHED = frozenset({MANIFEST, "README.md", "mask_agreement.png"})
 CHUNK_BYTES = 1 << 23
 # hashlib releases the GIL on large updates: files are hashed side by side, up to this many at once
 HASH_THREADS = 4
@@ -70,15 +69,6 @@ def file_sha256(path: Path) -> str:
         while got := handle.readinto(buffer):
             digest.update(view[:got])
     return digest.hexdigest()
-
-
-def hashed_files(directory: Path) -> list[str]:
-    """The files of an output that hashes cover (relative POSIX paths, sorted)."""
-    return sorted(
-        path.relative_to(directory).as_posix()
-        for path in directory.rglob("*")
-        if path.is_file() and path.relative_to(directory).as_posix() not in UNHASHED
-    )
 
 
 def hash_files(
@@ -152,10 +142,10 @@ def verify_output(directory: Path) -> list[str]:
         raise HubmergeError(
             f"{directory}: its {MANIFEST} records no file hashes (written by an older hubmerge)"
         )
-    unlisted = sorted(set(hashed_files(directory)) - set(record["files"]))
-    if unlisted:
+    foreign = foreign_entries(directory, record)
+    if foreign:
         raise HubmergeError(
-            f"{directory / unlisted[0]}: not part of the output written by hubmerge (not in {MANIFEST})"
+            f"{directory / foreign[0]}: not part of the output written by hubmerge (not in {MANIFEST})"
         )
     return verify_files(directory, record)
 
@@ -168,7 +158,7 @@ def record_hashes(directory: Path, record: dict[str, Any], known: dict[str, str]
         record: its run record.
         known: digests of files hashed while they were written (relative names), not read again.
     """
-    record["files"] = hash_files(directory, hashed_files(directory), known)
+    record["files"] = hash_files(directory, output_files(directory), known)
     write_manifest(directory, record)
 
 

@@ -17,22 +17,27 @@ import contextlib
 import datetime as dt
 import errno
 import fcntl
+import glob
 import json
 import logging
 import os
 import shutil
 import tempfile
+import threading
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any
 
 from hubmerge.errors import HubmergeError
 
 MANIFEST = "hubmerge.json"
+# Files of an output that its run record does not hash: the record itself, and the card, which is rewritten for
+# each push and evaluation.
+UNHASHED = frozenset({MANIFEST, "README.md", "mask_agreement.png"})
 MANIFEST_FORMATS = ("hubmerge-compressed", "hubmerge-merged", "hubmerge-task")
 # Hidden siblings of an output `NAME`: `.NAME.<kind>-<pid>-<random>`, the pid telling whether a run owns it.
-SIBLING_KINDS = ("partial", "old", "search")
+SIBLING_KINDS = ("old", "partial", "search")
 
 log = logging.getLogger("hubmerge")
 
@@ -45,7 +50,7 @@ def read_manifest(directory: Path) -> dict[str, Any]:
     """
     path = Path(directory) / MANIFEST
     if not Path(directory).is_dir():
-        raise HubmergeError(f"{directory}: no such output directory")
+        raise HubmergeError(f"{directory}: not a hubmerge output (no such directory)")
     if not path.is_file():
         raise HubmergeError(f"{directory}: not a hubmerge output (no {MANIFEST})")
     try:
@@ -54,7 +59,70 @@ def read_manifest(directory: Path) -> dict[str, Any]:
         raise HubmergeError(f"{path}: unreadable run record ({err}); the output is damaged") from None
     if not isinstance(record, dict) or record.get("format") not in MANIFEST_FORMATS:
         raise HubmergeError(f"{path}: not a hubmerge run record (no format {' or '.join(MANIFEST_FORMATS)})")
+    problem = _record_problem(record)
+    if problem:
+        raise HubmergeError(f"{path}: damaged run record ({problem})")
     return record
+
+
+def _record_problem(record: dict[str, Any]) -> str | None:
+    """What is malformed in the fields every reader of a run record relies on, if anything."""
+    if record.get("result") not in ("merged", "compressed", "task"):
+        return "result is not merged, compressed or task"
+    if not isinstance(record.get("method"), str):
+        return "method is missing"
+    base = record.get("base")
+    if not isinstance(base, dict) or not all(isinstance(base.get(k), str) for k in ("source", "location")):
+        return "base needs a source and a location"
+    tasks = record.get("tasks")
+    if record["result"] != "task" and (
+        not isinstance(tasks, list)
+        or not all(isinstance(t, dict) and isinstance(t.get("name"), str) for t in tasks)
+    ):
+        return "tasks must be a list of {name: ...}"
+    files = record.get("files")
+    if files is None:
+        return None
+    if not isinstance(files, dict):
+        return "files must map file names to their size and sha256"
+    for name, entry in files.items():
+        parts = PurePosixPath(name).parts
+        if not parts or PurePosixPath(name).is_absolute() or ".." in parts:
+            return f"files: {name!r} is not a path inside the output"
+        if (
+            not isinstance(entry, dict)
+            or type(entry.get("size")) is not int
+            or not (isinstance(entry.get("sha256"), str) and len(entry["sha256"]) == 64)
+        ):
+            return f"files: {name!r} needs an integer size and a sha256"
+    return None
+
+
+def output_files(directory: Path) -> list[str]:
+    """The files of an output that its run record hashes (relative POSIX paths, sorted)."""
+    return sorted(
+        path.relative_to(directory).as_posix()
+        for path in directory.rglob("*")
+        if path.is_file() and path.relative_to(directory).as_posix() not in UNHASHED
+    )
+
+
+def foreign_entries(directory: Path, record: dict[str, Any]) -> list[str]:
+    """Files and folders in an output directory that its run record does not list: what hubmerge did not
+    write there. None are known for an output written before records listed their files."""
+    listed = record.get("files")
+    if not isinstance(listed, dict):
+        return []
+    folders = {parent.as_posix() for name in listed for parent in PurePosixPath(name).parents}
+    foreign = []
+    for path in sorted(directory.rglob("*")):
+        name = path.relative_to(directory).as_posix()
+        if path.is_dir() and not path.is_symlink():
+            if name not in folders:
+                foreign.append(f"{name}/")
+        elif name not in listed and name not in UNHASHED:
+            foreign.append(name)
+    return foreign
 
 
 def is_hubmerge_output(directory: Path) -> bool:
@@ -85,14 +153,19 @@ def _within(path: Path, ancestor: Path) -> bool:
     return path == ancestor or ancestor in path.parents
 
 
-def check_output_path(target: Path, overwrite: bool, inputs: Iterable[tuple[str, Path]] = ()) -> OutputState:
+def check_output_path(
+    target: Path, overwrite: bool, inputs: Iterable[tuple[str, Path]] = (), inside: Path | None = None
+) -> OutputState:
     """Refuse an output path that would destroy or mix with what hubmerge did not write, before any work.
 
     Args:
         target: the output directory as given.
-        overwrite: whether an existing hubmerge output there may be replaced.
+        overwrite: whether an existing hubmerge output there may be replaced (only if it holds nothing
+            else than what its run record lists).
         inputs: (what, path) of every local input (models, artifacts, caches): the output may be none of
             them, contain none of them and lie inside none of them.
+        inside: the one hubmerge output the output may lie in (an artifact's exported task folders); any
+            other output around it is refused, since replacing that one would delete this one.
 
     Returns:
         Whether the output exists and will be replaced.
@@ -114,6 +187,12 @@ def check_output_path(target: Path, overwrite: bool, inputs: Iterable[tuple[str,
             raise HubmergeError(
                 f"output {target} lies inside {what} ({source}); choose another output directory"
             )
+    allowed = Path(inside).resolve() if inside is not None else None
+    for ancestor in resolved.parents:
+        if ancestor != allowed and is_hubmerge_output(ancestor):
+            raise HubmergeError(
+                f"output {target} lies inside the hubmerge output {ancestor}; choose a directory outside it"
+            )
     exists = target.is_dir()
     replaces = False
     if exists and any(target.iterdir()):
@@ -121,6 +200,13 @@ def check_output_path(target: Path, overwrite: bool, inputs: Iterable[tuple[str,
             raise HubmergeError(
                 f"output directory {target} is not empty and holds no hubmerge output (no valid {MANIFEST}); "
                 "--overwrite replaces only a previous hubmerge output: choose another directory"
+            )
+        foreign = foreign_entries(target, read_manifest(target))
+        if foreign:
+            shown = ", ".join(foreign[:3]) + (f" (+{len(foreign) - 3} more)" if len(foreign) > 3 else "")
+            raise HubmergeError(
+                f"output directory {target} holds a hubmerge output and files hubmerge did not write there "
+                f"({shown}); --overwrite would delete them: move them out or choose another directory"
             )
         if not overwrite:
             raise HubmergeError(
@@ -144,7 +230,7 @@ def _check_writable(target: Path, parent: Path) -> None:
         raise HubmergeError(f"output path {target}: no permission to write in {existing}")
 
 
-_held_locks: dict[Path, int] = {}
+_held_locks: dict[Path, int] = {}  # output -> the thread of this process that holds its lock
 
 
 def _make_parents(directory: Path) -> list[Path]:
@@ -163,18 +249,26 @@ def output_lock(target: Path) -> Iterator[None]:
     """Own the output path `target` for the block: a second run fails at once, naming this one's pid.
 
     An flock on `.NAME.lock` beside the output: the kernel releases it when the process dies, however it
-    dies. Re-entrant within one process. Parent folders created for the lock are removed again when the
-    block fails and they are still empty.
+    dies. Re-entrant within the thread that holds it; another thread of this process is refused like another
+    process. Once held, the siblings that killed runs left are cleaned (`remove_stale_siblings`). Parent
+    folders created for the lock are removed again when the block fails and they are still empty.
     """
     target = Path(target).resolve()
-    if target in _held_locks:
+    holder = _held_locks.get(target)
+    if holder == threading.get_ident():
         yield
         return
+    if holder is not None:
+        raise HubmergeError(
+            f"output {target} is being written by another hubmerge run (pid {os.getpid()}, another thread); "
+            "wait for it to finish or choose another --output"
+        )
     created = _make_parents(target.parent)
     path = target.parent / f".{target.name}.lock"
     fd = _acquire(path, target)
-    _held_locks[target] = fd
+    _held_locks[target] = threading.get_ident()
     try:
+        remove_stale_siblings(target)
         yield
     except BaseException:
         _release(path, fd, target)
@@ -216,14 +310,21 @@ def _release(path: Path, fd: int, target: Path) -> None:
     os.close(fd)
 
 
-def sibling_prefix(target: Path, kind: str) -> str:
-    """`.NAME.<kind>-<pid>-`: a hidden sibling of the output that this process owns."""
-    return f".{Path(target).name}.{kind}-{os.getpid()}-"
+_ours: set[Path] = set()  # siblings this process made: its pid may be that of a killed run in a container
 
 
-def _owner_alive(pid: int) -> bool:
+def make_sibling(target: Path, kind: str) -> Path:
+    """A new hidden directory `.NAME.<kind>-<pid>-<random>` beside the output `target`, owned by this process:
+    the next run to `target` removes it if this process dies before it does."""
+    target = Path(target).resolve()
+    path = Path(tempfile.mkdtemp(prefix=f".{target.name}.{kind}-{os.getpid()}-", dir=target.parent))
+    _ours.add(path)
+    return path
+
+
+def _owner_alive(pid: int, path: Path) -> bool:
     if pid == os.getpid():
-        return True
+        return path in _ours
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -253,11 +354,15 @@ def remove_stale_siblings(target: Path) -> tuple[int, int]:
     removed = freed = 0
     if not target.parent.is_dir():
         return removed, freed
-    for kind in SIBLING_KINDS:
-        for path in target.parent.glob(f".{target.name}.{kind}-*"):
+    for kind in SIBLING_KINDS:  # "old" before "partial": a previous output is restored before anything goes
+        for path in target.parent.glob(f"{glob.escape(f'.{target.name}.{kind}-')}*"):
             pid = path.name.removeprefix(f".{target.name}.{kind}-").split("-", 1)[0]
-            if not pid.isdigit() or _owner_alive(int(pid)) or not path.is_dir():
+            if not pid.isdigit() or _owner_alive(int(pid), path) or not path.is_dir():
                 continue
+            if kind == "old" and (path / "previous").is_dir() and not target.exists():
+                # killed between the two renames of a replace: the previous output is whole, put it back
+                os.rename(path / "previous", target)
+                log.warning("restored %s, left aside by a replace that was interrupted", target)
             freed += _disk_usage(path)
             shutil.rmtree(path, ignore_errors=True)
             removed += 1
@@ -274,7 +379,7 @@ def remove_stale_siblings(target: Path) -> tuple[int, int]:
 
 @contextlib.contextmanager
 def atomic_directory(
-    target: Path, overwrite: bool, inputs: Iterable[tuple[str, Path]] = ()
+    target: Path, overwrite: bool, inputs: Iterable[tuple[str, Path]] = (), inside: Path | None = None
 ) -> Iterator[Path]:
     """Yield a hidden sibling directory that becomes `target` only when the block completes.
 
@@ -283,11 +388,10 @@ def atomic_directory(
     meanwhile is replaced only with `overwrite` and only if it is a hubmerge output; otherwise the complete
     result is kept beside it under a visible name and the error says where.
     """
-    check_output_path(target, overwrite, inputs)
+    check_output_path(target, overwrite, inputs, inside)
     target = Path(target).resolve()
     with output_lock(target):
-        remove_stale_siblings(target)
-        staging = Path(tempfile.mkdtemp(prefix=sibling_prefix(target, "partial"), dir=target.parent))
+        staging = make_sibling(target, "partial")
         try:
             yield staging
             os.chmod(staging, 0o755)  # mkdtemp creates 0700; outputs are ordinary directories
@@ -307,7 +411,7 @@ def _put_in_place(staging: Path, target: Path, overwrite: bool) -> None:
                 f"output {target} appeared while this run was writing{why}; nothing was replaced, "
                 f"the complete result is in {kept}"
             )
-        retired = Path(tempfile.mkdtemp(prefix=sibling_prefix(target, "old"), dir=target.parent))
+        retired = make_sibling(target, "old")
         os.rename(target, retired / "previous")
         os.rename(staging, target)
         shutil.rmtree(retired, ignore_errors=True)

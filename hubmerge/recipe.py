@@ -404,6 +404,8 @@ def read_yaml(path: Path) -> Any:
 def load_recipe(path: str | Path) -> Recipe:
     """Read and validate a recipe file."""
     path = Path(path)
+    if path.is_dir():
+        raise HubmergeError(f"{path} is a directory; give the recipe's YAML file")
     if not path.is_file():
         raise HubmergeError(f"recipe file not found: {path}")
     return parse_recipe(read_yaml(path), str(path))

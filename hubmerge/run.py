@@ -8,7 +8,7 @@ import datetime as dt
 import json
 import logging
 import os
-import tempfile
+import shutil
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -44,9 +44,9 @@ from hubmerge.output import (
     MANIFEST,
     atomic_directory,
     check_output_path,
+    make_sibling,
     output_lock,
     read_manifest,
-    sibling_prefix,
 )
 from hubmerge.recipe import ModelEntry, PushTarget, Recipe, is_hub_id
 from hubmerge.search import SearchResult, overlay_of, read_overlay, run_search
@@ -195,6 +195,8 @@ def run_recipe(
     torch_device = device if isinstance(device, torch.device) else resolve_device(device)
     # rank 0 owns the output for the whole run, downloads included; the other ranks write into its staging
     with output_lock(target) if group.is_main else contextlib.nullcontext():
+        # again: taking the lock may have put back a previous output that a killed replace had set aside
+        check_output_path(target, overwrite, inputs)
         job = prepare(recipe, origin, token=token, endpoint=endpoint, lock=lock)
         record: dict[str, Any] = {}
         try:
@@ -219,7 +221,7 @@ def run_recipe(
                 allow_nonfinite=allow_nonfinite,
             )
             started = time.perf_counter()
-            with shared_staging(target, overwrite, inputs, group) as staging:
+            with contextlib.closing(engine), shared_staging(target, overwrite, inputs, group) as staging:
                 engine.collect_statistics()
                 if job.spec.result == "merged":
                     engine.write_merged(staging, max_shard_size)
@@ -367,17 +369,16 @@ class Scoring:
                 "push": None,
             }
         )
-        with tempfile.TemporaryDirectory(
-            prefix=sibling_prefix(target, "search"), dir=target.resolve().parent
-        ) as tmp:
+        tmp = make_sibling(target, "search")
+        try:
             counter = iter(range(1 << 30))
 
             def run_variant(parameters: dict[str, Any]) -> Path:
                 variant = pinned.model_copy(update={"parameters": parameters})
-                target = Path(tmp) / f"candidate-{next(counter)}"
+                candidate = tmp / f"candidate-{next(counter)}"
                 return run_recipe(
                     variant,
-                    output=target,
+                    output=candidate,
                     device=str(device),
                     token=token,
                     endpoint=endpoint,
@@ -385,6 +386,8 @@ class Scoring:
                 ).output
 
             return run_search(job.recipe, self.base, self.finetuned, self.evaluator, run_variant)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
 
     def report(self, job: MergeJob, output: Path) -> dict[str, Any]:
         """Zero-shot, fine-tuned and this output's scores on the evaluation split, absolute and normalized."""
@@ -442,18 +445,19 @@ def evaluate_output(
     if recipe.evaluation is None:
         raise HubmergeError(f"{origin}: has no `evaluation:` section")
     target = resolve_output(recipe, Path(output) if output else None)
-    record = read_manifest(target)
-    verify_files(target, record)
-    job = prepare(recipe, origin, token=token, endpoint=endpoint)
-    try:
-        job = with_parameters(job, record["parameters"])  # score what was written, not the recipe's defaults
-        record["evaluation"] = Scoring.start(job, resolve_device(device), show_progress=True).report(
-            job, target
-        )
-    finally:
-        job.close()
-    write_manifest(target, record)
-    write_card(target)
+    with output_lock(target):  # a run replacing the output meanwhile would get this record
+        record = read_manifest(target)
+        verify_files(target, record)
+        job = prepare(recipe, origin, token=token, endpoint=endpoint)
+        try:
+            job = with_parameters(job, record["parameters"])  # score what was written, not the defaults
+            record["evaluation"] = Scoring.start(job, resolve_device(device), show_progress=True).report(
+                job, target
+            )
+        finally:
+            job.close()
+        write_manifest(target, record)
+        write_card(target)
     return record["evaluation"]
 
 
@@ -497,7 +501,15 @@ def publish_output(
     """Push a finished output directory to a Hub repo, with its card written for that repo.
 
     Every file is checked against the hashes of the run record first: a damaged output is not published.
+    The output is locked meanwhile, so no run replaces it halfway through the upload.
     """
+    with output_lock(directory):
+        return _publish_locked(directory, target, token=token, endpoint=endpoint)
+
+
+def _publish_locked(
+    directory: Path, target: PushTarget, *, token: str | None, endpoint: str | None
+) -> Published:
     record = read_manifest(directory)
     if "files" in record:
         verify_output(directory)

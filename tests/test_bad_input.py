@@ -374,12 +374,12 @@ def test_output_dir_not_empty_without_overwrite(ws: Workspace) -> None:
 
 def test_output_dir_replaced_with_overwrite(ws: Workspace) -> None:
     """--overwrite replaces a previous hubmerge output whole (tests/test_output_safety.py: nothing else)."""
-    ws.write()
+    ws.write(method="task_arithmetic")
     assert ws.run().exit_code == 0
-    (ws.output / "keep.txt").write_text("old")
+    ws.write()
     result = ws.run("--overwrite")
     assert result.exit_code == 0, result.output
-    assert not (ws.output / "keep.txt").exists()
+    assert not (ws.output / "model.safetensors").exists() and (ws.output / "tau_mtl.safetensors").is_file()
     assert (ws.output / "hubmerge.json").is_file()
     assert not list(ws.root.glob(".out.*"))
 

@@ -556,3 +556,28 @@ def test_convert_mergekit_refuses_what_it_cannot_convert(ws: Workspace) -> None:
     assert error_line(invoke("convert-mergekit", ws.root / "absent.yaml")) == (
         f"error: mergekit config not found: {ws.root / 'absent.yaml'}"
     )
+
+
+# -- found in review ----------------------------------------------------------------------------------------
+
+
+def test_push_names_a_wrong_path_before_any_request(ws: Workspace, hub: HubServer) -> None:
+    hub.requests.clear()
+    line = error_line(invoke("push", "alice/x", ws.root / "nothing-here"))
+    assert "not a hubmerge output" in line and not hub.requests
+
+
+def test_convert_mergekit_never_writes_over_its_own_config(tmp_path: Path) -> None:
+    config = tmp_path / "mk.yaml"
+    config.write_text(
+        yaml.safe_dump({"merge_method": "linear", "models": [{"model": "a/x"}, {"model": "a/y"}]})
+    )
+    before = config.read_text()
+    assert "is the mergekit config itself" in error_line(
+        invoke("convert-mergekit", config, "-o", config, "--overwrite")
+    )
+    assert config.read_text() == before
+
+
+def test_a_directory_given_as_the_recipe(ws: Workspace) -> None:
+    assert "is a directory" in error_line(invoke("validate", ws.root))

@@ -216,5 +216,11 @@ def test_two_processes_record_the_nonfinite_counts_of_both(models, tmp_path):
 
     assert refused.returncode == 2 and "NaN/Inf" in refused.stderr
     assert done.returncode == 0, done.stderr[-4000:]
+    both_refuse = hubmerge_cli(
+        "run", str(recipe), "-o", str(tmp_path / "multi-refused"), "--num-processes", "2"
+    )
+    assert both_refuse.returncode == 2, both_refuse.stderr[-4000:]
+    assert both_refuse.stderr.count("error:") == 1 and "NaN/Inf" in both_refuse.stderr, both_refuse.stderr
+    assert "Traceback" not in both_refuse.stderr and not (tmp_path / "multi-refused").exists()
     record = json.loads((tmp_path / "multi" / "hubmerge.json").read_text())
     assert sorted((r["tensor"], r["count"]) for r in record["nonfinite"]) == sorted([(first, 3), (last, 2)])

@@ -27,7 +27,7 @@ from hubmerge import CompressedMerge, HubmergeError, parse_recipe, run_recipe
 from hubmerge.integrity import verify_output
 from hubmerge.recipe import PushTarget
 from hubmerge.run import publish_output
-from tests.processes import long_ties_recipe, start_when_staging
+from tests.processes import hubmerge_cli, long_ties_recipe, start_when_staging
 from tests.test_bad_input import Workspace, assert_refused, invoke, snapshot
 from tests.test_hub import checkpoints, seeded, write_recipe  # noqa: F401 - the Hub fixtures
 
@@ -472,3 +472,94 @@ def test_inspect_a_rebuilt_task_model(ws: Workspace) -> None:
     assert result.exit_code == 0, result.output
     assert "task 'a' rebuilt from a tall_masks artifact" in " ".join(result.stdout.split())
     assert "verified 1 file\n" in result.stdout  # the weights: these models have no config files
+
+
+def test_overwrite_keeps_files_the_user_put_in_a_previous_output(ws: Workspace) -> None:
+    ws.write()
+    assert ws.run().exit_code == 0
+    (ws.output / "my_notes.txt").write_text("mine")
+    (ws.output / "mystuff").mkdir()
+    before = snapshot(ws.root)
+    assert_refused(ws.run("--overwrite"), "files hubmerge did not write there", "my_notes.txt", "mystuff/")
+    assert snapshot(ws.root) == before
+
+
+def test_an_output_inside_another_output_is_refused(ws: Workspace) -> None:
+    ws.write()
+    assert ws.run().exit_code == 0
+    nested = ws.output / "nested"
+    before = snapshot(ws.root)
+    assert_refused(
+        invoke("run", ws.recipe_path, "-o", nested, "-q"), "lies inside the hubmerge output", str(ws.output)
+    )
+    assert_refused(
+        invoke("materialize", ws.output, "-t", "a", "-o", ws.output / "a"), "lies inside the artifact"
+    )
+    assert snapshot(ws.root) == before
+
+
+@pytest.mark.parametrize(
+    ("edit", "fragment"),
+    [
+        (lambda r: r.pop("tasks"), "tasks must be a list"),
+        (lambda r: r.update(tasks=5), "tasks must be a list"),
+        (lambda r: r.pop("base"), "base needs a source"),
+        (lambda r: r.pop("result"), "result is not"),
+        (lambda r: r["files"]["tau_mtl.safetensors"].update(size="12"), "needs an integer size"),
+        (
+            lambda r: r["files"].update({"../recipe.yaml": r["files"]["tau_mtl.safetensors"]}),
+            "not a path inside",
+        ),
+        (lambda r: r.update(files="x"), "files must map"),
+    ],
+)
+def test_a_damaged_run_record_is_one_line(ws: Workspace, edit, fragment: str) -> None:
+    ws.write()
+    assert ws.run().exit_code == 0
+    record = json.loads((ws.output / "hubmerge.json").read_text())
+    edit(record)
+    (ws.output / "hubmerge.json").write_text(json.dumps(record))
+    for args in (
+        ("inspect", ws.output, "--verify"),
+        ("materialize", ws.output, "-t", "a", "-o", ws.root / "t"),
+    ):
+        assert_refused(invoke(*args), "damaged run record", fragment)
+    assert_refused(ws.run("--overwrite"), "holds no hubmerge output")
+
+
+def test_stale_staging_of_an_output_with_glob_characters_is_removed(ws: Workspace) -> None:
+    ws.write()
+    output = ws.root / "g[1]"
+    stale = ws.root / f".g[1].partial-{dead_pid()}-abcd1234"
+    stale.mkdir()
+    assert invoke("run", ws.recipe_path, "-o", output, "-q").exit_code == 0
+    assert not stale.exists()
+
+
+def test_a_replace_killed_between_its_renames_gets_the_previous_output_back(ws: Workspace, caplog) -> None:
+    ws.write()
+    assert ws.run().exit_code == 0
+    files = json.loads((ws.output / "hubmerge.json").read_text())["files"]
+    retired = ws.root / f".out.old-{dead_pid()}-abcd1234"  # the first rename of a replace happened
+    retired.mkdir()
+    ws.output.rename(retired / "previous")
+    with caplog.at_level(logging.WARNING, logger="hubmerge"):
+        assert_refused(ws.run(), "holds a previous hubmerge output")  # restored as the run took the lock
+    assert "restored" in caplog.text and not retired.exists()
+    assert json.loads((ws.output / "hubmerge.json").read_text())["files"].keys() == files.keys()
+    assert verify_output(ws.output)
+    assert ws.run("--overwrite").exit_code == 0
+
+
+def test_the_output_is_locked_while_it_is_pushed(ws: Workspace, monkeypatch) -> None:
+    import hubmerge.hub
+
+    ws.write()
+    assert ws.run().exit_code == 0
+
+    def second_run_meanwhile(*args, **kwargs) -> None:
+        second = hubmerge_cli("run", str(ws.recipe_path), "-o", str(ws.output), "--overwrite", "-q")
+        assert second.returncode == 2 and f"another hubmerge run (pid {os.getpid()})" in second.stderr
+
+    monkeypatch.setattr(hubmerge.hub, "publish", second_run_meanwhile)
+    publish_output(ws.output, PushTarget(repo_id="alice/artifact"))

@@ -101,7 +101,10 @@ def test_atomic_directory_leaves_nothing_on_failure_and_keeps_the_previous_outpu
         raise ValueError("crash")
     assert list(tmp_path.iterdir()) == []
     with atomic_directory(target, overwrite=False) as staging:
-        (staging / "hubmerge.json").write_text('{"format": "hubmerge-merged"}')
+        record = {"format": "hubmerge-merged", "result": "merged", "method": "task_arithmetic", "tasks": []}
+        (staging / "hubmerge.json").write_text(
+            json.dumps({**record, "base": {"source": "b", "location": "b"}})
+        )
     with pytest.raises(ValueError), atomic_directory(target, overwrite=True) as staging:
         (staging / "second").write_text("2")
         raise ValueError("crash")
