@@ -433,24 +433,32 @@ class CompressedMerge(
             ("the base", self.base.root),
             ("the Hugging Face cache", Path(hf_constants.HF_HUB_CACHE)),
         ]
-        return self._write_task(task, Path(output), overwrite, dtype, max_shard_size, protected)
+        return self._write_task(
+            task,
+            Path(output),
+            overwrite=overwrite,
+            dtype=dtype,
+            max_shard_size=max_shard_size,
+            protected=protected,
+        )
 
     def export_task(self, task: str, max_shard_size: int | str = "5GB") -> Path:
         """Write task `task`'s model into the artifact's own subfolder `<task>/` (`export: subfolders`)."""
         return self._write_task(
             task,
             self.directory / task,
-            True,
-            None,
-            max_shard_size,
-            [("the base", self.base.root)],
-            self.directory,
+            overwrite=True,
+            dtype=None,
+            max_shard_size=max_shard_size,
+            protected=[("the base", self.base.root)],
+            inside=self.directory,
         )
 
     def _write_task(
         self,
         task: str,
         target: Path,
+        *,
         overwrite: bool,
         dtype: str | None,
         max_shard_size: int | str,

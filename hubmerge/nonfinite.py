@@ -1,4 +1,5 @@
-"""NaN and ±Inf entries of the inputs, counted as the engine reads them (no pass of its own).
+"""NaN and ±Inf entries of the inputs, counted as the engine computes each piece (no pass of its own: the
+fused kernels flag them while loading their inputs, and only a flagged piece is counted per model).
 
 A fine-tune with a few NaNs (a diverged step, a bad conversion) would otherwise reach the merged model or every
 task rebuilt from an artifact without a word. By default the first piece that holds one stops the run with a
@@ -8,7 +9,6 @@ the card instead.
 
 from __future__ import annotations
 
-import threading
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -44,7 +44,6 @@ class NonfiniteCounts:
     use_kernels: bool
     counts: dict[tuple[int, str], int] = field(default_factory=dict)
     _seen: set[tuple[str, Rows]] = field(default_factory=set)
-    _lock: threading.Lock = field(default_factory=threading.Lock)
 
     def check(
         self,
@@ -66,10 +65,9 @@ class NonfiniteCounts:
         Raises:
             HubmergeError: at the first model with a NaN/Inf entry there, unless `allow`.
         """
-        with self._lock:
-            if (key, rows) in self._seen:
-                return
-            self._seen.add((key, rows))
+        if (key, rows) in self._seen:
+            return
+        self._seen.add((key, rows))
         if flagged is False:
             return
         for model, piece in enumerate(pieces):
@@ -82,8 +80,7 @@ class NonfiniteCounts:
                     f"{self._describe(model)}: tensor {key!r} has {n:,} NaN/Inf entries{where}; refusing to "
                     "merge non-finite weights (pass --allow-nonfinite to merge them anyway)"
                 )
-            with self._lock:
-                self.counts[(model, key)] = self.counts.get((model, key), 0) + n
+            self.merge({(model, key): n})
 
     def _describe(self, model: int) -> str:
         name = self.names[model]

@@ -125,6 +125,15 @@ def foreign_entries(directory: Path, record: dict[str, Any]) -> list[str]:
     return foreign
 
 
+def _foreign_in_output(directory: Path) -> list[str] | None:
+    """What `foreign_entries` finds in a hubmerge output directory; None where it holds none. An output is
+    replaceable only where this is empty."""
+    try:
+        return foreign_entries(directory, read_manifest(directory))
+    except HubmergeError:
+        return None
+
+
 def is_hubmerge_output(directory: Path) -> bool:
     try:
         read_manifest(directory)
@@ -196,12 +205,12 @@ def check_output_path(
     exists = target.is_dir()
     replaces = False
     if exists and any(target.iterdir()):
-        if not is_hubmerge_output(target):
+        foreign = _foreign_in_output(target)
+        if foreign is None:
             raise HubmergeError(
                 f"output directory {target} is not empty and holds no hubmerge output (no valid {MANIFEST}); "
                 "--overwrite replaces only a previous hubmerge output: choose another directory"
             )
-        foreign = foreign_entries(target, read_manifest(target))
         if foreign:
             shown = ", ".join(foreign[:3]) + (f" (+{len(foreign) - 3} more)" if len(foreign) > 3 else "")
             raise HubmergeError(
@@ -259,10 +268,7 @@ def output_lock(target: Path) -> Iterator[None]:
         yield
         return
     if holder is not None:
-        raise HubmergeError(
-            f"output {target} is being written by another hubmerge run (pid {os.getpid()}, another thread); "
-            "wait for it to finish or choose another --output"
-        )
+        raise _busy(target, f"{os.getpid()}, another thread")
     created = _make_parents(target.parent)
     path = target.parent / f".{target.name}.lock"
     fd = _acquire(path, target)
@@ -287,10 +293,7 @@ def _acquire(path: Path, target: Path) -> int:
         except BlockingIOError:
             owner = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
             os.close(fd)
-            raise HubmergeError(
-                f"output {target} is being written by another hubmerge run (pid {owner}); "
-                "wait for it to finish or choose another --output"
-            ) from None
+            raise _busy(target, owner) from None
         # The previous owner may have unlinked the file between our open and flock: lock the current one.
         try:
             same = os.fstat(fd).st_ino == os.stat(path).st_ino
@@ -301,6 +304,13 @@ def _acquire(path: Path, target: Path) -> int:
             os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
             return fd
         os.close(fd)
+
+
+def _busy(target: Path, owner: str) -> HubmergeError:
+    return HubmergeError(
+        f"output {target} is being written by another hubmerge run (pid {owner}); "
+        "wait for it to finish or choose another --output"
+    )
 
 
 def _release(path: Path, fd: int, target: Path) -> None:
@@ -403,10 +413,12 @@ def atomic_directory(
 
 def _put_in_place(staging: Path, target: Path, overwrite: bool) -> None:
     if target.exists() and (not target.is_dir() or any(target.iterdir())):
-        if not overwrite or not is_hubmerge_output(target):
+        # the rule of `check_output_path`, again: the user may have changed the folder during the run
+        replaceable = overwrite and target.is_dir() and _foreign_in_output(target) == []
+        if not replaceable:
             kept = target.with_name(f"{target.name}.hubmerge-{dt.datetime.now():%Y%m%d-%H%M%S}-{os.getpid()}")
             os.rename(staging, kept)
-            why = "" if not overwrite else " and is not a hubmerge output"
+            why = "" if not overwrite else " and holds what hubmerge did not write"
             raise HubmergeError(
                 f"output {target} appeared while this run was writing{why}; nothing was replaced, "
                 f"the complete result is in {kept}"

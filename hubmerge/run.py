@@ -5,7 +5,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import datetime as dt
-import json
 import logging
 import os
 import shutil
@@ -41,7 +40,6 @@ from hubmerge.integrity import record_hashes, verify_files, verify_output, write
 from hubmerge.lock import Lock
 from hubmerge.methods import METHODS
 from hubmerge.output import (
-    MANIFEST,
     atomic_directory,
     check_output_path,
     make_sibling,
@@ -299,10 +297,10 @@ def finish_output(
         copy_support_files(job.base.directory, staging)
     if search is not None:
         record["search"] = search_record(search, recipe)
-    (staging / MANIFEST).write_text(json.dumps(record, indent=2) + "\n")
+    write_manifest(staging, record)
     if scoring is not None:
         record["evaluation"] = scoring.report(job, staging)  # reads a compressed output back by its manifest
-        (staging / MANIFEST).write_text(json.dumps(record, indent=2) + "\n")
+        write_manifest(staging, record)
     (staging / RECIPE_FILE).write_text(pinned_recipe(job))
     if recipe.push and recipe.push.export == "subfolders":
         export_subfolders(staging, max_shard_size=max_shard_size, token=token, endpoint=endpoint)

@@ -125,9 +125,8 @@ class SafetensorsFile:
         if position + len(data) > slot.nbytes:
             raise RuntimeError(f"{self.path.name}: too many bytes for {key}")
         if self._fd is None:
-            self._fd = os.open(
-                self.path, os.O_RDWR
-            )  # readable: the running hash reads back bytes written ahead
+            # readable: the running hash reads back the bytes written ahead of its prefix
+            self._fd = os.open(self.path, os.O_RDWR)
         offset, done = self._offsets[key] + position, 0
         while done < len(data):
             done += os.pwrite(self._fd, data[done:], offset + done)

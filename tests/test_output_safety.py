@@ -563,3 +563,20 @@ def test_the_output_is_locked_while_it_is_pushed(ws: Workspace, monkeypatch) -> 
 
     monkeypatch.setattr(hubmerge.hub, "publish", second_run_meanwhile)
     publish_output(ws.output, PushTarget(repo_id="alice/artifact"))
+
+
+def test_a_file_added_to_the_output_during_an_overwrite_is_not_deleted(ws: Workspace, monkeypatch) -> None:
+    from hubmerge.engine import Engine
+
+    ws.write()
+    assert ws.run().exit_code == 0
+    original = Engine.collect_statistics
+
+    def user_adds_a_file(self) -> None:
+        (ws.output / "notes.txt").write_text("mine")
+        original(self)
+
+    monkeypatch.setattr(Engine, "collect_statistics", user_adds_a_file)
+    assert_refused(ws.run("--overwrite"), "holds what hubmerge did not write", "nothing was replaced")
+    assert (ws.output / "notes.txt").read_text() == "mine"
+    assert len([p for p in ws.root.iterdir() if p.name.startswith("out.hubmerge-")]) == 1

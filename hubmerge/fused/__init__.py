@@ -308,5 +308,5 @@ def task_arithmetic(
 
 def nonfinite_count(piece: torch.Tensor) -> int:
     """Entries of a contiguous CPU piece (`supports`) that are NaN or ±Inf, in one thread: the engine counts
-    on its reader thread, beside the computing ones."""
+    only the pieces `take_nonfinite` flagged, model by model, to name the one that holds them."""
     return library().hm_nonfinite(piece.data_ptr(), DTYPE_CODES[piece.dtype], 0, piece.numel())
