@@ -12,13 +12,13 @@ from typing import TYPE_CHECKING, Any
 __version__ = "0.1.0"
 
 if TYPE_CHECKING:
-    from hubmerge.artifacts import CompressedMerge
+    from hubmerge.compressed import CompressedMerge
     from hubmerge.errors import HubmergeError
     from hubmerge.recipe import Recipe, load_recipe, parse_recipe
     from hubmerge.run import run_recipe
 
 _HOMES = {
-    "CompressedMerge": "hubmerge.artifacts",
+    "CompressedMerge": "hubmerge.compressed",
     "HubmergeError": "hubmerge.errors",
     "Recipe": "hubmerge.recipe",
     "load_recipe": "hubmerge.recipe",

@@ -148,14 +148,39 @@ def histogram_rows(record: dict[str, Any]) -> list[tuple[int, int, str, int]]:
     return [(c, n, _share(n, total), active[c]) for c, n in enumerate(hist)]
 
 
+DTYPE_OF_BITS = {32: "fp32", 16: "16-bit"}
+
+
 def storage_rows(storage: dict[str, Any]) -> list[tuple[str, int, str]]:
+    """(what, bits, ratio to T fp32 fine-tuned copies) rows of the storage table, parts first."""
     reference = storage["finetuned_fp32_bits"]
-    rows = [
-        ("this artifact (τ_MTL fp32 + 1 bit per entry per task; base referenced)", storage["artifact_bits"])
-    ]
+    d, t = storage["parameters"], storage["tasks"]
+    vector_bits = storage.get("vector_bits_per_entry", 32)
+    width = DTYPE_OF_BITS.get(vector_bits, f"{vector_bits}-bit")
+    rows = []
+    if "private_bits" in storage:
+        vector = storage["artifact_bits"] - d * t - storage["private_bits"]
+        rows += [
+            (f"τ_MTL ({width}, P′ entries)" if storage["paper_bits"] else f"kept τ values ({width})", vector),
+            ("masks (1 bit per entry per task, T·P′)", d * t),
+            (
+                f"tasks' own tensors (heads, ...: F = {storage['private_entries']:,} entries)",
+                storage["private_bits"],
+            ),
+        ]
+    rows.append(
+        (
+            f"this artifact (base referenced; {storage.get('artifact_bits_per_task', storage['artifact_bits'] / t):,.0f} bits per task)",
+            storage["artifact_bits"],
+        )
+    )
     if storage.get("paper_bits"):
-        rows.append(("paper's accounting: θ0 + τ_MTL fp32 + T mask bits, (64+T)·P′", storage["paper_bits"]))
-    rows.append(("T fine-tuned copies, fp32 (32·T·P′)", reference))
+        rows.append(
+            ("paper's accounting (App. C): (64+T)·P′ + 32·F, frozen entries included", storage["paper_bits"])
+        )
+    rows.append(("T fine-tuned copies, fp32", reference))
+    if storage.get("finetuned_stored_bits"):
+        rows.append(("T fine-tuned copies, as stored", storage["finetuned_stored_bits"]))
     return [(name, bits, f"{bits / reference:.3f}×") for name, bits in rows]
 
 
@@ -212,11 +237,14 @@ def build_card(
             "θ0 + m_t ⊙ τ_MTL."
         )
         first = record["tasks"][0]["name"]
+        tasks = [x["name"] for x in record["tasks"]]
+        other = tasks[1] if len(tasks) > 1 else first
         usage = (
             "from hubmerge import CompressedMerge  # pip install hubmerge\n\n"
             f'merge = CompressedMerge.from_pretrained("{where}")  # fetches the base at its pinned commit\n'
-            f'state_dict = merge.materialize("{first}")  # tasks: {", ".join(x["name"] for x in record["tasks"])}\n'
-            f"# or: hubmerge materialize {where} --task {first} --output {first}-model"
+            f'model = merge.load_model("{first}")  # a ready model; tasks: {", ".join(tasks)}\n'
+            f'served = merge.switchable(); served.set_task("{other}")  # one copy, every task, switched in place\n'
+            f"# or a directory: hubmerge materialize {where} --task {first} --output {first}-model"
         )
     else:
         summary = f"{t} fine-tuned models of one base merged with `{record['method']}` into one model."

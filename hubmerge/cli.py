@@ -275,6 +275,7 @@ def validate(
     """
     from hubmerge.display import print_validation
     from hubmerge.engine import locate_sources
+    from hubmerge.methods import METHODS
     from hubmerge.recipe import load_recipe
     from hubmerge.sources import check_compatible, open_source
 
@@ -288,7 +289,8 @@ def validate(
         if parsed.base in local:
             names = [n for n, s in zip(parsed.task_names, parsed.sources, strict=True) if s in local]
             models = [local[s] for s in parsed.sources if s in local]
-            check_compatible(local[parsed.base], models, names, parsed.selects)
+            compressed = METHODS[parsed.method].result == "compressed"
+            check_compatible(local[parsed.base], models, names, parsed.selects, own_tensors=compressed)
     finally:
         for ckpt in local.values():
             ckpt.close()
@@ -463,10 +465,19 @@ def materialize(
         ),
     ] = None,
     max_shard_size: ShardSize = "5GB",
+    base: Annotated[
+        str | None,
+        typer.Option(
+            metavar="PATH|ORG/NAME[@REV]",
+            help="Rebuild from this base instead of the recorded one (moved or mirrored; checked against the "
+            "artifact).",
+        ),
+    ] = None,
     verbose: Verbose = False,
 ) -> None:
-    """Rebuild one task's model, θ0 + m_t ⊙ τ_MTL, as a directory that transformers loads."""
-    from hubmerge.artifacts import CompressedMerge
+    """Rebuild one task's model as a directory that transformers (or open_clip) loads: θ0 + m_t ⊙ τ_MTL on
+    the merged tensors, the task's own tensors (heads, ...) and its config."""
+    from hubmerge.compressed import CompressedMerge
     from hubmerge.recipe import is_hub_id, split_revision
     from hubmerge.writer import parse_shard_size
 
@@ -475,7 +486,9 @@ def materialize(
         raise HubmergeError(f"--dtype {dtype}: choose {', '.join(DTYPES)}")
     repo_id, revision = split_revision(artifact) if is_hub_id(artifact) else (artifact, None)
     merge = CompressedMerge.from_pretrained(repo_id, revision=revision)
-    written = merge.save_task(task, output, overwrite=overwrite, dtype=dtype, max_shard_size=max_shard_size)
+    written = merge.save_task(
+        task, output, overwrite=overwrite, dtype=dtype, max_shard_size=max_shard_size, base=base
+    )
     _console().print(f"wrote {written} (task {task} of {artifact})", highlight=False, soft_wrap=True)
 
 
@@ -497,7 +510,7 @@ def inspect(
     verbose: Verbose = False,
 ) -> None:
     """Tasks, storage (bits as in the paper vs T fine-tuned copies) and the mask agreement histogram."""
-    from hubmerge.artifacts import CompressedMerge
+    from hubmerge.compressed import CompressedMerge
     from hubmerge.display import print_record
     from hubmerge.integrity import verify_output
     from hubmerge.output import read_manifest

@@ -38,7 +38,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from hubmerge import fused
-from hubmerge.artifacts import ArtifactWriter, output_dtype, storage_summary
+from hubmerge.artifacts import OUTPUT_DTYPES, ArtifactWriter, output_dtype
 from hubmerge.distributed import SINGLE, Group
 from hubmerge.errors import HubmergeError
 from hubmerge.hub import HubSource
@@ -125,6 +125,11 @@ class MergeJob:
     def d(self) -> int:
         return sum(self.base.infos[k].numel for k in self.merge_keys)
 
+    @property
+    def vector_dtype(self) -> torch.dtype:
+        """The dtype of a compressed output's τ_MTL (or kept values)."""
+        return OUTPUT_DTYPES[self.recipe.tau_dtype or "float32"]
+
     def out_dtype(self, key: str) -> torch.dtype:
         info = self.base.infos[key]
         return output_dtype(self.recipe.dtype, info.dtype) if info.is_float else info.dtype
@@ -174,7 +179,9 @@ def prepare(
         lock.check({s: where for s, where in located.items() if isinstance(where, HubSource)})
     opened = {s: open_source(s, where, token=token, endpoint=endpoint) for s, where in located.items()}
     base, models = opened[recipe.base], [opened[source] for source in recipe.sources]
-    check_compatible(base, models, recipe.task_names, recipe.selects)
+    check_compatible(
+        base, models, recipe.task_names, recipe.selects, own_tensors=method.result == "compressed"
+    )
     return MergeJob(
         recipe=recipe,
         origin=origin,
@@ -247,7 +254,10 @@ def plan_summary(job: MergeJob, block_entries: int = DEFAULT_BLOCK_ENTRIES) -> d
         output_bytes = sum(job.base.infos[k].numel * job.out_dtype(k).itemsize for k in job.merge_keys)
         output_bytes += copy_bytes
     else:
-        vector = 4 * job.d if job.spec.vector != "none" else 4 * job.d * (job.spec.mask_density or 0) * t
+        width = job.vector_dtype.itemsize
+        vector = (
+            width * job.d if job.spec.vector != "none" else width * job.d * (job.spec.mask_density or 0) * t
+        )
         output_bytes = int(vector) + t * sum(math.ceil(job.base.infos[k].numel / 8) for k in job.merge_keys)
     piece = max((min(job.base.infos[k].numel, block_entries) for k in job.merge_keys), default=0)
     largest_row = max(
@@ -831,6 +841,7 @@ class Engine:
             shared_vector=not self.spec.own_values,
             own_values=self.spec.own_values,
             max_shard_size=max_shard_size,
+            vector_dtype=job.vector_dtype,
             rank=self.group.rank,
         )
         if self.group.is_main:
@@ -873,14 +884,3 @@ class Engine:
             for tau, span_tau in zip(taus, span_taus, strict=False):
                 tau[span] = span_tau
         return tau_mtl, list(masks), list(taus)
-
-    def storage(self) -> dict[str, Any]:
-        job = self.job
-        base_bits = 8 * sum(job.base.infos[k].nbytes for k in job.merge_keys) / max(job.d, 1)
-        return storage_summary(
-            job.d,
-            len(job.models),
-            base_bits,
-            shared_vector=not self.spec.own_values,
-            kept_values=sum(self.stats.kept) if self.spec.own_values else 0,
-        )

@@ -167,3 +167,16 @@ def write_manifest(directory: Path, record: dict[str, Any]) -> None:
     staged = directory / f".{MANIFEST}.tmp"
     staged.write_text(json.dumps(record, indent=2) + "\n")
     staged.replace(directory / MANIFEST)
+
+
+def weights_sha256(files: list[Path]) -> str:
+    """One SHA-256 over a checkpoint's weight files: each file's name and digest, in name order.
+
+    What a compressed artifact records of a local base, to refuse rebuilding its tasks from another one.
+    """
+    workers = max(1, min(HASH_THREADS, os.cpu_count() or 1, len(files)))
+    ordered = sorted(files, key=lambda path: path.name)
+    with ThreadPoolExecutor(workers, thread_name_prefix="hubmerge-hash") as pool:
+        digests = list(pool.map(file_sha256, ordered))
+    lines = "".join(f"{path.name}\0{digest}\n" for path, digest in zip(ordered, digests, strict=True))
+    return hashlib.sha256(lines.encode()).hexdigest()

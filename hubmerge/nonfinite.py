@@ -70,17 +70,24 @@ class NonfiniteCounts:
         self._seen.add((key, rows))
         if flagged is False:
             return
+        where = "" if rows is None else f" (rows {rows[0]}-{rows[1] - 1} of {shape[0]})"
         for model, piece in enumerate(pieces):
-            n = count_nonfinite(piece, self.use_kernels)
-            if not n:
-                continue
-            if not self.allow:
-                where = "" if rows is None else f" (rows {rows[0]}-{rows[1] - 1} of {shape[0]})"
-                raise HubmergeError(
-                    f"{self._describe(model)}: tensor {key!r} has {n:,} NaN/Inf entries{where}; refusing to "
-                    "merge non-finite weights (pass --allow-nonfinite to merge them anyway)"
-                )
-            self.merge({(model, key): n})
+            self._count(model, key, piece, where)
+
+    def check_one(self, model: int, key: str, tensor: torch.Tensor) -> None:
+        """Count a whole tensor that model `model` (0: the base) alone contributes, e.g. a task's own head."""
+        self._count(model, key, tensor, "")
+
+    def _count(self, model: int, key: str, piece: torch.Tensor, where: str) -> None:
+        n = count_nonfinite(piece, self.use_kernels)
+        if not n:
+            return
+        if not self.allow:
+            raise HubmergeError(
+                f"{self._describe(model)}: tensor {key!r} has {n:,} NaN/Inf entries{where}; refusing to "
+                "merge non-finite weights (pass --allow-nonfinite to merge them anyway)"
+            )
+        self.merge({(model, key): n})
 
     def _describe(self, model: int) -> str:
         name = self.names[model]

@@ -31,6 +31,7 @@ WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
 # Methods with a parameter the validation search chooses (α, k, λ per task).
 SEARCHABLE = ("task_arithmetic", "ties", "consensus", "tall_masks")
 OutputDtype = Literal["auto", "float32", "bfloat16", "float16"]
+VectorDtype = Literal["float32", "bfloat16", "float16"]
 
 
 class Strict(BaseModel):
@@ -120,6 +121,8 @@ class Recipe(Strict):
     # validated when omitted too: a method's defaults can conflict with the recipe (consensus k = 2, one task)
     parameters: dict[str, Any] = Field(default_factory=dict, validate_default=True)
     dtype: OutputDtype = "auto"
+    # τ_MTL (and magnitude pruning's kept values) of a compressed output; the paper stores float32.
+    tau_dtype: VectorDtype | None = None
     output: str | None = None
     # Which tensors are merged (fnmatch globs on tensor names); the base's other tensors are copied unchanged,
     # and the fine-tuned models need only have the selected ones (e.g. CLIPVisionModel fine-tunes of a
@@ -172,6 +175,17 @@ class Recipe(Strict):
         if problems:
             raise ValueError("\n".join(problems))
         return parameters
+
+    @field_validator("tau_dtype")
+    @classmethod
+    def _check_tau_dtype(cls, tau_dtype: str | None, info: ValidationInfo) -> str | None:
+        method = info.data.get("method")
+        if tau_dtype is not None and method in METHODS and METHODS[method].result != "compressed":
+            raise ValueError(
+                f"applies to compressed outputs (tall_masks, magnitude_*); {method} writes a merged model: "
+                "use `dtype:` for its weights"
+            )
+        return tau_dtype
 
     @field_validator("evaluation")
     @classmethod

@@ -27,16 +27,24 @@ from hubmerge.artifacts import (
     PACKING,
     RECIPE_FILE,
     RESERVED_NAMES,
+    VALUE_DIR,
     VECTOR_STEM,
-    CompressedMerge,
+    storage_summary,
 )
 from hubmerge.card import write_card
+from hubmerge.compressed import CompressedMerge
 from hubmerge.distributed import SINGLE, Group
 from hubmerge.engine import DEFAULT_BLOCK_ENTRIES, Engine, MergeJob, prepare, resolve_device
 from hubmerge.errors import HubmergeError
 from hubmerge.evaluation import Evaluator, Overlay, mean, normalized
 from hubmerge.hub import Published
-from hubmerge.integrity import record_hashes, verify_files, verify_output, write_manifest
+from hubmerge.integrity import (
+    record_hashes,
+    verify_files,
+    verify_output,
+    weights_sha256,
+    write_manifest,
+)
 from hubmerge.lock import Lock
 from hubmerge.methods import METHODS
 from hubmerge.output import (
@@ -46,8 +54,10 @@ from hubmerge.output import (
     output_lock,
     read_manifest,
 )
+from hubmerge.private import task_parts
 from hubmerge.recipe import ModelEntry, PushTarget, Recipe, is_hub_id
 from hubmerge.search import SearchResult, overlay_of, read_overlay, run_search
+from hubmerge.serving import TaskSwitcher
 from hubmerge.sources import Checkpoint
 from hubmerge.writer import copy_support_files, parse_shard_size
 
@@ -96,10 +106,12 @@ def pinned_recipe(job: MergeJob) -> str:
     return header + yaml.safe_dump(data, sort_keys=False, allow_unicode=True)
 
 
-def _task_records(job: MergeJob, engine: Engine) -> list[dict[str, Any]]:
+def _task_records(job: MergeJob, engine: Engine, parts: list[dict[str, Any]] | None) -> list[dict[str, Any]]:
     tasks = []
     for i, (name, model) in enumerate(zip(job.task_names, job.models, strict=True)):
         task: dict[str, Any] = {"name": name, **model.provenance.as_dict()}
+        if parts is not None:
+            task.update(parts[i])
         if job.spec.masks == "tall":
             task["lambda"] = job.spec.lambdas[i]
         if job.spec.masks == "magnitude":
@@ -110,8 +122,11 @@ def _task_records(job: MergeJob, engine: Engine) -> list[dict[str, Any]]:
     return tasks
 
 
-def run_record(job: MergeJob, engine: Engine, seconds: float) -> dict[str, Any]:
-    """What the run did, written as hubmerge.json next to the output."""
+def run_record(
+    job: MergeJob, engine: Engine, seconds: float, parts: list[dict[str, Any]] | None = None
+) -> dict[str, Any]:
+    """What the run did, written as hubmerge.json next to the output; `parts`: each task's own part of a
+    compressed artifact (`write_task_parts`)."""
     compressed = job.spec.result == "compressed"
     record: dict[str, Any] = {
         "format": FORMAT if compressed else MERGED_FORMAT,
@@ -122,9 +137,9 @@ def run_record(job: MergeJob, engine: Engine, seconds: float) -> dict[str, Any]:
         "result": job.spec.result,
         "parameters": job.parameters,
         "dtype": job.recipe.dtype,
-        "base": job.base.provenance.as_dict(),
+        "base": base_record(job),
         "base_card": job.base.card_metadata,
-        "tasks": _task_records(job, engine),
+        "tasks": _task_records(job, engine, parts),
         "parameters_counted": job.d,
         "counted_tensors": len(job.merge_keys),
         "copied_tensors": job.copy_keys,
@@ -144,10 +159,53 @@ def run_record(job: MergeJob, engine: Engine, seconds: float) -> dict[str, Any]:
     if engine.nonfinite.counts:  # only with allow_nonfinite: otherwise the run stopped at the first one
         record["nonfinite"] = engine.nonfinite.records()
     if compressed:
-        record["vector"] = None if job.spec.own_values else {"stem": VECTOR_STEM, "dtype": "float32"}
+        tau_dtype = job.recipe.tau_dtype or "float32"
+        record["vector"] = None if job.spec.own_values else {"stem": VECTOR_STEM, "dtype": tau_dtype}
+        if job.spec.own_values:
+            record["values"] = {"dir": VALUE_DIR, "dtype": tau_dtype}
         record["masks"] = {"dir": MASK_DIR, "packing": PACKING}
-        record["storage"] = engine.storage()
+        record["storage"] = artifact_storage(
+            job, engine.stats.kept if job.spec.own_values else None, parts or []
+        )
     return record
+
+
+def artifact_storage(job: MergeJob, kept: list[int] | None, parts: list[dict[str, Any]]) -> dict[str, Any]:
+    """`storage_summary` of a compressed output: its vector, masks and each task's own tensors."""
+    base = job.base.infos
+    shared = {key for part in parts for key in part["from_base"] if base[key].is_float}
+    own = [part["private"] for part in parts if part["private"]]
+    return storage_summary(
+        job.d,
+        len(job.models),
+        base_bits=8 * sum(base[k].nbytes for k in job.merge_keys) / max(job.d, 1),
+        vector_bits=8 * job.vector_dtype.itemsize,
+        kept_values=None if kept is None else sum(kept),
+        private_entries=sum(p["entries"] for p in own),
+        private_bytes=sum(p["bytes"] for p in own),
+        shared_entries=sum(base[k].numel for k in shared),
+        finetuned_bytes=sum(info.nbytes for model in job.models for info in model.infos.values()),
+    )
+
+
+def base_record(job: MergeJob) -> dict[str, Any]:
+    """The base as the recipe gives it and where it resolved; a compressed artifact of a local base also
+    records the base's content hash, which rebuilding a task checks."""
+    record: dict[str, Any] = job.base.provenance.as_dict()
+    if job.spec.result == "compressed" and not record["revision"]:
+        record["sha256"] = weights_sha256(job.base.weight_files)
+    return record
+
+
+def write_task_parts(job: MergeJob, engine: Engine, staging: Path) -> list[dict[str, Any]]:
+    """Each task's own tensors and files (`hubmerge.private`), their digests added to the engine's."""
+    parts = []
+    for i, (name, model) in enumerate(zip(job.task_names, job.models, strict=True)):
+        part, digest = task_parts(name, i + 1, model, job.base, job.merge_keys, staging, engine.nonfinite)
+        if digest is not None:
+            engine.digests[part["private"]["file"]] = digest
+        parts.append(part)
+    return parts
 
 
 def resolve_output(recipe: Recipe, output: Path | None) -> Path:
@@ -226,7 +284,10 @@ def run_recipe(
                 else:
                     engine.write_artifact(staging, max_shard_size)
                 if group.is_main:
-                    record = run_record(job, engine, time.perf_counter() - started)
+                    parts = (
+                        write_task_parts(job, engine, staging) if job.spec.result == "compressed" else None
+                    )
+                    record = run_record(job, engine, time.perf_counter() - started, parts)
                     finish_output(
                         job,
                         record,
@@ -400,10 +461,12 @@ class Scoring:
             weights = read_overlay(output, list(self.base))
             scores[job.recipe.method] = {t: self.evaluator.score(t, weights, split) for t in tasks}
         else:
-            merge = CompressedMerge.from_pretrained(output)
-            rebuilt = {t: merge.materialize(t) for t in tasks}
+            # one resident copy of θ0, τ_MTL and the masks: each task's weights without reading a file
+            switcher = TaskSwitcher(
+                CompressedMerge.from_pretrained(output), self.evaluator.device, list(self.base), self.base
+            )
             scores[job.recipe.method] = {
-                t: self.evaluator.score(t, {k: rebuilt[t][k] for k in self.base}, split) for t in tasks
+                t: self.evaluator.score(t, switcher.overlay(t), split) for t in tasks
             }
         rows = {}
         for name, accuracy in scores.items():

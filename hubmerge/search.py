@@ -14,9 +14,10 @@ from typing import Any
 
 import torch
 
-from hubmerge.artifacts import CompressedMerge
+from hubmerge.compressed import CompressedMerge
 from hubmerge.evaluation import Evaluator, Overlay, mean, normalized
 from hubmerge.recipe import Recipe, Search
+from hubmerge.serving import TaskSwitcher
 from hubmerge.sources import Provenance, open_local
 
 # Runs the recipe's method with these parameters into a fresh directory and returns it (float32 output).
@@ -123,10 +124,10 @@ def _best_lambdas(
     best: dict[str, tuple[float, float]] = {}
     for lam in sorted(search.lambdas):
         merge = CompressedMerge.from_pretrained(run_variant({**recipe.parameters, "lambda": lam}))
+        switcher = TaskSwitcher(merge, evaluator.device, list(base), base)
         scores = {}
         for task in evaluator.tasks:
-            rebuilt = merge.materialize(task)
-            scores[task] = evaluator.score(task, {k: rebuilt[k] for k in base}, search.split)
+            scores[task] = evaluator.score(task, switcher.overlay(task), search.split)
             if task not in best or scores[task] > best[task][1]:
                 best[task] = (lam, scores[task])
         row({"lambda": lam}, scores)

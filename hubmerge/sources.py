@@ -447,6 +447,11 @@ def resolve_source(spec: str, *, token: str | None = None, endpoint: str | None 
     )
 
 
+def _glob_of(key: str) -> str:
+    """A glob for the module of tensor `key` (`classifier.out_proj.weight` -> `classifier.out_proj.*`)."""
+    return key.rsplit(".", 1)[0] + ".*" if "." in key else key
+
+
 def support_files(directory: Path) -> list[Path]:
     """Config, tokenizer and similar files of a model directory (relative paths), to copy into outputs."""
     found = []
@@ -458,12 +463,18 @@ def support_files(directory: Path) -> list[Path]:
 
 
 def check_compatible(
-    base: Checkpoint, models: list[Checkpoint], names: list[str], selected: Callable[[str], bool]
+    base: Checkpoint,
+    models: list[Checkpoint],
+    names: list[str],
+    selected: Callable[[str], bool],
+    *,
+    own_tensors: bool = False,
 ) -> None:
     """Every model must have the base's selected float tensors, with their shapes; raises naming the first diffs.
 
     Non-float tensors and unselected ones are copied from the base, so a model may lack them (e.g. a
-    `position_ids` buffer that only some checkpoints store); tensors the base lacks are reported.
+    `position_ids` buffer that only some checkpoints store). Tensors the base lacks are reported, unless
+    `own_tensors` (a compressed artifact keeps each task's other tensors as they are).
     """
     merged = {k for k, info in base.infos.items() if info.is_float and selected(k)}
     if not any(base.infos[k].numel for k in merged):
@@ -478,6 +489,8 @@ def check_compatible(
         problems = []
         missing = sorted(merged - set(model.infos))
         extra = sorted(k for k in set(model.infos) - set(base.infos) if selected(k))
+        if own_tensors and not missing:
+            extra = []  # a task's own tensors; beside missing ones they hint at other names (prefixes)
         if missing:
             problems.append(f"missing keys {head(missing)}")
         if extra:
@@ -488,7 +501,15 @@ def check_compatible(
             if k in model.infos and model.infos[k].shape != base.infos[k].shape
         ]
         if mismatched:
-            problems.append(f"shape mismatch {head(mismatched)}")
+            keep = (
+                "each task keeps its own"
+                if own_tensors
+                else "the base's is copied (a compressed artifact keeps each task's own)"
+            )
+            problems.append(
+                f"shape mismatch {head(mismatched)} (to leave such tensors unmerged, exclude them, e.g. "
+                f"exclude: ['{_glob_of(mismatched[0].split()[0])}']: {keep})"
+            )
         kinds = [k for k in sorted(merged) if k in model.infos and not model.infos[k].is_float]
         if kinds:
             problems.append(f"float/non-float mismatch {head(kinds)}")

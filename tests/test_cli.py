@@ -104,7 +104,7 @@ def no_work(monkeypatch: pytest.MonkeyPatch) -> None:
 
     monkeypatch.setattr("hubmerge.engine.prepare", started)
     monkeypatch.setattr("hubmerge.run.run_recipe", started)
-    monkeypatch.setattr("hubmerge.artifacts.CompressedMerge.from_pretrained", started)
+    monkeypatch.setattr("hubmerge.compressed.CompressedMerge.from_pretrained", started)
 
 
 # -- start-up -----------------------------------------------------------------------------------------------
@@ -138,7 +138,7 @@ def test_a_plain_run_loads_no_evaluation_library(ws: Workspace) -> None:
 
 
 def test_public_names_resolve_through_the_lazy_package() -> None:
-    from hubmerge.artifacts import CompressedMerge
+    from hubmerge.compressed import CompressedMerge
     from hubmerge.run import run_recipe
 
     assert hubmerge.CompressedMerge is CompressedMerge

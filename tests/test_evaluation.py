@@ -170,6 +170,7 @@ class FakeEvaluator:
     def __init__(self, tasks: list[str], score):
         self.tasks = tasks
         self._score = score
+        self.device = torch.device("cpu")
 
     def score(self, task: str, overlay: dict[str, torch.Tensor], split: str) -> float:
         assert split == "validation"

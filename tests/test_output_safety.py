@@ -374,7 +374,8 @@ def test_weights_are_not_read_back_to_be_hashed(ws: Workspace, method: str, monk
     original = hubmerge.integrity.file_sha256
 
     def spy(path: Path) -> str:
-        hashed_after.append(path.name)
+        if ws.base not in (path, *path.parents):  # a compressed artifact records its local base's hash
+            hashed_after.append(path.name)
         return original(path)
 
     monkeypatch.setattr(hubmerge.integrity, "file_sha256", spy)

@@ -13,9 +13,7 @@ from hubmerge.recipe import parse_recipe
 from tests.hubserver import HubServer
 from tests.test_bad_input import Workspace, refused_without_writing
 
-TOP_LEVEL = (
-    "version, base, models, method, parameters, dtype, output, include, exclude, evaluation, search, push"
-)
+TOP_LEVEL = "version, base, models, method, parameters, dtype, tau_dtype, output, include, exclude, evaluation, search, push"
 
 
 def recipe(**overrides: Any) -> dict[str, Any]:

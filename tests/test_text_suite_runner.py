@@ -188,3 +188,107 @@ def test_write_docs_replaces_only_its_section(tmp_path: Path) -> None:
         "# Benchmarks\n\n<!-- memory.py: begin -->\nmemory\n<!-- memory.py: end -->\n\n"
         f"{run.BEGIN}\nsecond\n{run.END}\n"
     )
+
+
+def test_bf16_rows_store_tau_in_bfloat16_and_leave_the_float32_recipes_as_they_were(cache: Path) -> None:
+    tasks = run.suite_tasks(cache)
+    methods = {m.key: m for m in run.METHODS}
+
+    def recipe(key: str) -> dict:
+        return run.recipe_for(methods[key], tasks, cache / "base", cache / "out" / key, run.Grids(), cache)
+
+    for fp32, bf16 in (("tall_ta", "tall_ta_bf16"), ("tall_ties", "tall_ties_bf16")):
+        data = recipe(bf16)
+        assert parse_recipe(data, origin=f"{bf16}.yaml").tau_dtype == "bfloat16"
+        # the twin differs only in τ_MTL's dtype (and where it goes), so the rows compare one setting
+        twin = recipe(fp32)
+        assert "tau_dtype" not in twin  # float32 rows: same recipe text, so cached outputs stay current
+        assert {**twin, "output": data["output"], "tau_dtype": "bfloat16"} == data
+    assert not any("tau_dtype" in recipe(m.key) for m in run.METHODS if m.tau_dtype is None)
+
+
+def tall_record(accuracy: dict[str, float], lambdas: dict[str, float], vector_bits: int) -> dict:
+    d, finetuned = 1000, {"alpha": 0.8, "beta": 1.0}
+    artifact = (vector_bits + 2) * d
+    return {
+        "method": "tall_masks",
+        "parameters_counted": d,
+        "tasks": [{"name": "alpha"}, {"name": "beta"}],
+        "search": {
+            "chosen": {"lambda": lambdas},
+            "candidates": [{"lambda": lam} for lam in run.PAPER_LAMBDA],
+        },
+        "storage": {
+            "vector_bits_per_entry": vector_bits,
+            "artifact_bits": artifact,
+            "artifact_bits_per_task": artifact / 2,
+            "paper_bits": 66 * d,
+            "finetuned_fp32_bits": 64 * d,
+        },
+        "evaluation": eval_rows("tall_masks", accuracy, finetuned),
+    }
+
+
+def test_bf16_section_shows_bits_per_task_next_to_the_float32_rows(tmp_path: Path) -> None:
+    records = {
+        "tall_ta": tall_record({"alpha": 0.8, "beta": 1.0}, {"alpha": 0.2, "beta": 0.5}, 32),
+        "tall_ta_bf16": tall_record({"alpha": 0.72, "beta": 1.0}, {"alpha": 0.3, "beta": 0.5}, 16),
+    }
+    context = {"date": "D", "machine": "M", "grids": "G", "command": "C"}
+    # the main section as --write-docs renders it, read back as the docs' reference rows
+    main = run.render_section(records, finetune_report(), {}, context)
+    reference = run.reference_from_docs(f"# B\n\n{run.BEGIN}\n{main}{run.END}\n")
+    assert reference is not None and reference.date == "D" and reference.tasks == ["alpha", "beta"]
+    assert reference.finetuned_accuracy == {"alpha": 0.8, "beta": 1.0}
+    assert run.ReferenceRow("TALL masks + TA", 1.0, 17000) in reference.rows
+    assert (
+        "| TALL masks + TA, bf16 τ_MTL | λ ∈ {0.2, 0.3, 0.4, 0.5, 0.6} | merge = task_arithmetic; τ_MTL "
+        "bfloat16; λ per task (alpha 0.3, beta 0.5) | 18,000 | 66,000 | 0.281× | — |" in main.splitlines()
+    )
+
+    section = run.render_bf16_section(
+        records,
+        {"tall_ta": {"seconds": 40.2, "threads": 1}},
+        {"date": "D", "machine": "M", "commands": ["cmd one", "cmd two"], "plot": run.STORAGE_PNG},
+        reference,
+    )
+    lines = section.splitlines()
+
+    assert section.startswith("### ") and "**Partial run**" in section and "TALL masks + TIES" in section
+    assert lines[lines.index("cmd one") - 1 : lines.index("cmd two") + 2] == [
+        "```",
+        "cmd one",
+        "cmd two",
+        "```",
+    ]
+    assert "| TALL masks + TA | float32 | 80.0 | 100.0 | 90.0 | 100.0 |" in lines
+    assert "| TALL masks + TA, bf16 τ_MTL | bfloat16 | 72.0 | 100.0 | 86.0 | 95.0 |" in lines
+    assert "| fine-tuned | — | 80.0 | 100.0 | 90.0 | 100.0 |" in lines
+    assert "| TALL masks + TA | float32 | 0.2, 0.5 | 34,000 | 17,000 | 0.531× | 40 (1 thr.) |" in lines
+    assert "| TALL masks + TA, bf16 τ_MTL | bfloat16 | 0.3, 0.5 | 18,000 | 9,000 | 0.281× | — |" in lines
+    assert (
+        "- TALL masks + TA: bfloat16 − float32 τ_MTL = -5.00 points of normalized mean (-4.00 of mean "
+        "accuracy; largest task change -8.0 on alpha); stored bits per task 0.529× the float32 row's; "
+        "chosen λ differs on alpha." in lines
+    )
+    assert any(
+        "the largest task difference is +0.0 points" in line and "Identical per task." in line
+        for line in lines
+    )
+    assert f"]({run.STORAGE_PNG})" in section
+
+    png = tmp_path / run.STORAGE_PNG
+    run.plot_storage_accuracy(records, reference, png)
+    assert png.read_bytes().startswith(b"\x89PNG")
+
+
+def test_bf16_subsection_goes_after_the_suite_notes_and_is_replaced_in_place(tmp_path: Path) -> None:
+    docs = tmp_path / "benchmarks.md"
+    before = f"# B\n\n{run.BEGIN}\nsuite\n{run.END}\n\n### Notes\n\nnotes\n\n<!-- other: begin -->\nx\n<!-- other: end -->\n"
+    docs.write_text(before)
+
+    run.write_bf16_docs("first\n", docs)
+    run.write_bf16_docs("second\n", docs)
+
+    block = f"{run.BF16_BEGIN}\nsecond\n{run.BF16_END}\n"
+    assert docs.read_text() == before.replace("notes\n\n<!--", f"notes\n\n{block}\n<!--")

@@ -1,0 +1,350 @@
+"""Ready models from a compressed artifact: one task loaded (`load_task_model`), or one resident copy that serves
+every task by rewriting its merged tensors in place (`switchable_model`).
+
+A model is built empty on the meta device (Accelerate's `init_empty_weights`) and filled tensor by tensor as the
+artifact rebuilds them, so loading holds one model plus one tensor, never a state dict beside the model.
+
+Switching keeps θ0, τ_MTL and every task's bit-packed mask of the merged tensors resident (on the model's
+device), plus each task's own tensors (heads) and the config values that differ between tasks (label maps).
+`set_task` rebuilds each merged tensor piece by piece into the parameter's own storage, with the same float32
+arithmetic and the same casts as `load_task_model`, so a switched model equals the loaded one bit for bit.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from hubmerge.artifacts import OUTPUT_DTYPES, rebuild, rebuild_sparse
+from hubmerge.errors import HubmergeError
+from hubmerge.hub import OPEN_CLIP_CONFIG
+from hubmerge.sources import TensorInfo
+
+if TYPE_CHECKING:
+    from hubmerge.compressed import CompressedMerge
+
+# Entries rebuilt at once while switching (a multiple of 8: whole bytes of a packed mask): the float32
+# temporaries of a piece stay in the caches on a CPU, and a GPU still gets large kernels.
+SWITCH_PIECE_ENTRIES = 1 << 18
+_BIT_SHIFTS: dict[torch.device, torch.Tensor] = {}
+
+
+def torch_dtype(dtype: str | torch.dtype | None) -> torch.dtype | None:
+    """`float32`/`bfloat16`/`float16` or a torch dtype; None stays None."""
+    if dtype is None or isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype not in OUTPUT_DTYPES:
+        raise HubmergeError(f"dtype {dtype!r}: choose {', '.join(OUTPUT_DTYPES)}")
+    return OUTPUT_DTYPES[dtype]
+
+
+def unpack_bits_on(packed: torch.Tensor, count: int) -> torch.Tensor:
+    """`artifacts.unpack_bits` with torch operations, on the packed tensor's device: `count` bools."""
+    shifts = _BIT_SHIFTS.get(packed.device)
+    if shifts is None:
+        shifts = _BIT_SHIFTS[packed.device] = torch.arange(7, -1, -1, dtype=torch.uint8, device=packed.device)
+    return ((packed.unsqueeze(-1) >> shifts) & 1).reshape(-1)[:count].bool()
+
+
+# -- building the model ----------------------------------------------------------------------------------------
+
+
+def _default_dtype(infos: dict[str, TensorInfo]) -> torch.dtype:
+    """The dtype most float entries of a task model have: the model is created in it, like `from_pretrained`."""
+    counts: dict[torch.dtype, int] = {}
+    for info in infos.values():
+        if info.is_float:
+            counts[info.dtype] = counts.get(info.dtype, 0) + info.numel
+    return max(counts, key=counts.__getitem__) if counts else torch.float32
+
+
+def _empty_model(files: dict[str, Path], model_class: type | None, dtype: torch.dtype, task: str) -> Any:
+    """The task's model on the meta device (buffers real), from its config."""
+    from accelerate import init_empty_weights
+
+    if OPEN_CLIP_CONFIG in files:
+        return _empty_open_clip(files[OPEN_CLIP_CONFIG], dtype, task)
+    import transformers
+    from transformers.models.auto.auto_factory import _BaseAutoModelClass
+
+    if "config.json" not in files:
+        raise HubmergeError(
+            f"task {task!r}: no config.json in the artifact or its base; cannot build a model"
+        )
+    config = transformers.AutoConfig.from_pretrained(files["config.json"].parent)
+    if model_class is None:
+        names = getattr(config, "architectures", None) or []
+        model_class = getattr(transformers, names[0], None) if names else transformers.AutoModel
+        if model_class is None:
+            raise HubmergeError(
+                f"task {task!r}: transformers has no class {names[0]!r} (its config's architectures); "
+                "pass model_class="
+            )
+    with init_empty_weights():
+        if issubclass(model_class, _BaseAutoModelClass):
+            return model_class.from_config(config, dtype=dtype)
+        return model_class._from_config(config, dtype=dtype)
+
+
+def _empty_open_clip(config_file: Path, dtype: torch.dtype, task: str) -> Any:
+    import json
+
+    from accelerate import init_empty_weights
+
+    try:
+        import open_clip
+    except ImportError:
+        raise HubmergeError(
+            f"task {task!r} is an open_clip model; install the clip extra: pip install 'hubmerge[clip]'"
+        ) from None
+    model_cfg = json.loads(config_file.read_text())["model_cfg"]
+    custom = "hf_model_name" in model_cfg.get("text_cfg", {}) or model_cfg.get("custom_text", False)
+    model_cfg = {k: v for k, v in model_cfg.items() if k != "custom_text"}
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        with init_empty_weights():
+            return (open_clip.CustomTextCLIP if custom else open_clip.CLIP)(**model_cfg)
+    finally:
+        torch.set_default_dtype(previous)
+
+
+def _placement(model: torch.nn.Module) -> Callable[[str], str | None]:
+    """Maps a rebuilt tensor's key to the model's name for it, with the key renamings `from_pretrained`
+    applies (transformers' conversion mapping of the model's classes, the base model prefix added or removed);
+    None where the model has no such tensor."""
+    names = model.state_dict()
+    if not hasattr(model, "config"):  # open_clip: checkpoints use the module names
+        return lambda key: key if key in names else None
+    from transformers.conversion_mapping import get_model_conversion_mapping
+    from transformers.core_model_loading import WeightRenaming, rename_source_key
+
+    renamings = [t for t in get_model_conversion_mapping(model) if isinstance(t, WeightRenaming)]
+    prefix = getattr(model, "base_model_prefix", None) or None
+
+    def place(key: str) -> str | None:
+        if key in names:
+            return key
+        renamed, _ = rename_source_key(key, renamings, [], prefix, names)
+        return renamed if renamed in names else None
+
+    return place
+
+
+def _finish(model: torch.nn.Module, device: torch.device, task: str) -> torch.nn.Module:
+    """Tie weights, check that nothing is left on the meta device, move the buffers, eval mode."""
+    if hasattr(model, "tie_weights"):
+        model.tie_weights()
+    empty = [name for name, tensor in model.state_dict().items() if tensor.device.type == "meta"]
+    if empty:
+        raise HubmergeError(
+            f"task {task!r}: the artifact has no tensor {empty[0]!r} of {type(model).__name__}"
+            + (f" (+{len(empty) - 1} more)" if len(empty) > 1 else "")
+        )
+    return model.to(device).eval()
+
+
+def load_task_model(
+    merge: CompressedMerge,
+    task: str,
+    *,
+    device: str | torch.device | None = None,
+    dtype: str | torch.dtype | None = None,
+    model_class: type | None = None,
+) -> torch.nn.Module:
+    """See `CompressedMerge.load_model`."""
+    from accelerate.utils import set_module_tensor_to_device
+
+    device = torch.device(device or "cpu")
+    wanted = torch_dtype(dtype)
+    infos = merge.task_infos(task)
+    model = _empty_model(merge.task_files(task), model_class, wanted or _default_dtype(infos), task)
+    place = _placement(model)
+    for key, tensor in merge.iter_materialized(task):
+        name = place(key)
+        if name is None:
+            raise HubmergeError(
+                f"task {task!r}: tensor {key!r} has no place in {type(model).__name__} (built from the task's "
+                "config); pass model_class= for another class"
+            )
+        target = wanted if wanted is not None and tensor.is_floating_point() else tensor.dtype
+        set_module_tensor_to_device(model, name, device, value=tensor, dtype=target)
+    return _finish(model, device, task)
+
+
+# -- switching ------------------------------------------------------------------------------------------------
+
+
+class TaskSwitcher:
+    """What every task's model needs beyond the model itself, resident on one device.
+
+    Args:
+        merge: the artifact.
+        device: where the resident tensors live.
+        keys: the merged tensors to keep (default: all of them).
+        theta0: θ0 of those tensors, when the caller holds it already (any float dtype); else read from the base.
+    """
+
+    def __init__(
+        self,
+        merge: CompressedMerge,
+        device: torch.device,
+        keys: list[str] | None = None,
+        theta0: dict[str, torch.Tensor] | None = None,
+    ):
+        self.merge = merge
+        self.tasks = merge.tasks
+        self.device = device
+        shapes = merge._mask_shapes(self.tasks[0])
+        self.keys = list(shapes) if keys is None else keys
+        self.shapes = {k: tuple(shapes[k]) for k in self.keys}
+        base = merge.base
+        self.theta0 = {
+            k: (theta0[k] if theta0 is not None else base.read(k)).to(device).reshape(-1) for k in self.keys
+        }
+        self.shared_vector = merge.manifest["vector"] is not None
+        if self.shared_vector:
+            self.tau = {k: t.to(device).reshape(-1) for k, t in merge.iter_vector(self.keys)}
+            self.values: dict[str, dict[str, torch.Tensor]] = {}
+        else:
+            self.tau = {}
+            self.values = {
+                task: {k: v.to(device) for k, v in merge.values(task).items() if k in self.shapes}
+                for task in self.tasks
+            }
+        self.packed = {
+            task: {k: p.to(device) for k, p in merge.packed_masks(task).items() if k in self.shapes}
+            for task in self.tasks
+        }
+        # merged tensors' dtypes as each task's model stores them (the fine-tune's, or the recipe's dtype)
+        self.stored = {task: {k: merge.task_infos(task)[k].dtype for k in self.keys} for task in self.tasks}
+
+    def resident_bytes(self) -> dict[str, int]:
+        """Bytes held per part: θ0, τ_MTL (or kept values), packed masks."""
+
+        def size(tensors: Any) -> int:
+            if isinstance(tensors, dict):
+                return sum(size(t) for t in tensors.values())
+            return tensors.numel() * tensors.element_size()
+
+        return {
+            "theta0": size(self.theta0),
+            "tau_mtl" if self.shared_vector else "values": size(self.tau) + size(self.values),
+            "masks": size(self.packed),
+        }
+
+    def rebuild_into(self, task: str, key: str, out: torch.Tensor) -> None:
+        """Write task `task`'s tensor `key` into `out` (contiguous, any dtype) piece by piece: rebuilt in
+        float32, cast to the dtype the task's model stores it in, then to `out`'s dtype."""
+        stored, flat = self.stored[task][key], out.view(-1)
+        packed, theta0 = self.packed[task][key], self.theta0[key]
+        if not self.shared_vector:
+            mask = unpack_bits_on(packed, theta0.numel())
+            flat.copy_(rebuild_sparse(theta0, self.values[task][key], mask).to(stored))
+            return
+        tau, n = self.tau[key], theta0.numel()
+        for start in range(0, n, SWITCH_PIECE_ENTRIES):
+            stop = min(start + SWITCH_PIECE_ENTRIES, n)
+            mask = unpack_bits_on(packed[start // 8 : (stop + 7) // 8], stop - start)
+            flat[start:stop].copy_(rebuild(theta0[start:stop], tau[start:stop], mask).to(stored))
+
+    def overlay(self, task: str) -> dict[str, torch.Tensor]:
+        """Task `task`'s merged tensors, as its model stores them (for scoring)."""
+        out = {}
+        for key in self.keys:
+            out[key] = torch.empty(self.shapes[key], dtype=self.stored[task][key], device=self.device)
+            self.rebuild_into(task, key, out[key])
+        return out
+
+
+def _config_differences(configs: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """Per task, the config attributes whose values differ between tasks (label maps, problem type, ...)."""
+    names = {name for config in configs.values() for name in vars(config)}
+    varying = [n for n in sorted(names) if len({repr(getattr(c, n, None)) for c in configs.values()}) > 1]
+    return {task: {n: copy.deepcopy(getattr(c, n, None)) for n in varying} for task, c in configs.items()}
+
+
+def switchable_model(
+    merge: CompressedMerge,
+    *,
+    device: str | torch.device | None = None,
+    dtype: str | torch.dtype | None = None,
+    model_class: type | None = None,
+) -> torch.nn.Module:
+    """See `CompressedMerge.switchable`."""
+    device = torch.device(device or "cpu")
+    tasks = merge.tasks
+    first = tasks[0]
+    keysets = {task: merge.task_infos(task) for task in tasks}
+    for task in tasks[1:]:
+        if keysets[task].keys() != keysets[first].keys():
+            differ = sorted(keysets[task].keys() ^ keysets[first].keys())
+            raise HubmergeError(
+                f"tasks {first!r} and {task!r} have different tensors ({differ[0]!r}); one switchable model "
+                "needs tasks of one architecture: load each with load_model"
+            )
+    model = load_task_model(merge, first, device=device, dtype=dtype, model_class=model_class)
+    place = _placement(model)
+    params = model.state_dict(keep_vars=True)
+    switcher = TaskSwitcher(merge, device)
+    # per task, the other tensors that are not the same in every task: its own ones, and the base's where
+    # another task has its own
+    own = {task: merge.private_tensors(task) for task in tasks}
+    varying = sorted({k for task in tasks for k in own[task]})
+    base = merge.base
+    others: dict[str, dict[str, torch.Tensor]] = {task: {} for task in tasks}
+    for task in tasks:
+        for key in varying:
+            tensor = own[task][key] if key in own[task] else base.read(key)
+            stored = keysets[task][key].dtype
+            target = params[place(key)].dtype if tensor.is_floating_point() else stored
+            others[task][key] = tensor.to(stored).to(device=device, dtype=target)
+    configs = _task_configs(merge, model, tasks)
+
+    @torch.no_grad()
+    def set_task(task: str) -> None:
+        if task not in switcher.packed:
+            raise HubmergeError(f"unknown task {task!r}; this artifact has: {', '.join(tasks)}")
+        for key in switcher.keys:
+            switcher.rebuild_into(task, key, params[place(key)].data)
+        for key, tensor in others[task].items():
+            parameter = params[place(key)]
+            if parameter.shape == tensor.shape:
+                parameter.data.copy_(tensor)
+            else:
+                parameter.data = tensor.clone()
+                _resize_owner(model, place(key), tensor.shape)
+        if configs is not None:
+            for name, value in configs[task].items():
+                setattr(model.config, name, copy.deepcopy(value))
+        model.task = task
+
+    model.set_task = set_task
+    model.task = first
+    model.tasks = list(tasks)
+    model.task_switcher = switcher
+    return model
+
+
+def _task_configs(merge: CompressedMerge, model: torch.nn.Module, tasks: list[str]) -> dict[str, dict] | None:
+    """The config values each task sets on switching (transformers models; None for open_clip)."""
+    if not hasattr(model, "config"):
+        return None
+    import transformers
+
+    configs = {
+        task: transformers.AutoConfig.from_pretrained(merge.task_files(task)["config.json"].parent)
+        for task in tasks
+    }
+    return _config_differences(configs)
+
+
+def _resize_owner(model: torch.nn.Module, name: str, shape: torch.Size) -> None:
+    """A linear layer whose weight or bias changed shape (a head of another label count) says so."""
+    module = model.get_submodule(name.rpartition(".")[0])
+    if isinstance(module, torch.nn.Linear) and name.endswith("weight"):
+        module.out_features, module.in_features = shape[0], shape[1]
