@@ -421,11 +421,13 @@ class CompressedMerge(
             dtype: the weights' dtype (default: as rebuilt, see `task_infos`).
             model_class: a transformers class (an Auto class or a concrete one); default: the class the task's
                 config names in `architectures`. open_clip artifacts build open_clip models.
-            base: the base to rebuild from instead of the recorded one (a moved or mirrored copy; checked).
+            base: the base to rebuild from instead of the recorded one (a moved or mirrored copy; checked), for
+                this and later calls (`use_base`).
         """
         from hubmerge.serving import load_task_model
 
-        self.use_base(base)
+        if base is not None:
+            self.use_base(base)
         return load_task_model(self, task, device=device, dtype=dtype, model_class=model_class)
 
     def switchable(
@@ -441,7 +443,8 @@ class CompressedMerge(
         starts as the first task. Arguments as for `load_model`."""
         from hubmerge.serving import switchable_model
 
-        self.use_base(base)
+        if base is not None:
+            self.use_base(base)
         return switchable_model(self, device=device, dtype=dtype, model_class=model_class)
 
     def save_task(
@@ -460,7 +463,8 @@ class CompressedMerge(
         (hubmerge.json: the artifact and task it came from, its files' hashes), so `--overwrite` may later
         replace it. The output may not be, contain or lie inside the artifact, the base or the Hub cache.
         """
-        self.use_base(base)
+        if base is not None:
+            self.use_base(base)
         protected = [
             ("the artifact", self.directory),
             ("the base", self.base.root),

@@ -304,6 +304,7 @@ def switchable_model(
             target = params[place(key)].dtype if tensor.is_floating_point() else stored
             others[task][key] = tensor.to(stored).to(device=device, dtype=target)
     configs = _task_configs(merge, model, tasks)
+    counting_labels = [m for m in model.modules() if "num_labels" in vars(m)]
 
     @torch.no_grad()
     def set_task(task: str) -> None:
@@ -321,6 +322,8 @@ def switchable_model(
         if configs is not None:
             for name, value in configs[task].items():
                 setattr(model.config, name, copy.deepcopy(value))
+            for module in counting_labels:  # heads copy `num_labels` from the config when built
+                module.num_labels = model.config.num_labels
         model.task = task
 
     model.set_task = set_task

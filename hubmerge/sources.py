@@ -502,13 +502,13 @@ def check_compatible(
         ]
         if mismatched:
             keep = (
-                "each task keeps its own"
+                "each task then keeps its own"
                 if own_tensors
-                else "the base's is copied (a compressed artifact keeps each task's own)"
+                else "the base's is then copied; a compressed artifact keeps each task's own"
             )
             problems.append(
-                f"shape mismatch {head(mismatched)} (to leave such tensors unmerged, exclude them, e.g. "
-                f"exclude: ['{_glob_of(mismatched[0].split()[0])}']: {keep})"
+                f"shape mismatch {head(mismatched)} (exclude them to leave them unmerged, e.g. "
+                f"exclude: ['{_glob_of(mismatched[0].split()[0])}']; {keep})"
             )
         kinds = [k for k in sorted(merged) if k in model.infos and not model.infos[k].is_float]
         if kinds:
