@@ -36,6 +36,7 @@ demo: setup
 	$(VENV)/bin/hubmerge run demo/recipes/tall.yaml --overwrite
 	$(VENV)/bin/hubmerge materialize out/demo-tall --task unicode_category --output out/demo-unicode_category --overwrite
 	$(PY) demo/report.py out/demo-ta out/demo-consensus out/demo-tall
+	$(PY) demo/serve.py out/demo-tall
 
 test: setup lint
 	$(PY) -m pytest

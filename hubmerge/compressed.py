@@ -23,6 +23,7 @@ from huggingface_hub import constants as hf_constants
 from safetensors import safe_open
 from safetensors.torch import load_file
 
+from hubmerge import fused
 from hubmerge.artifacts import (
     FORMAT,
     FORMAT_VERSION,
@@ -41,7 +42,14 @@ from hubmerge.errors import HubmergeError
 from hubmerge.integrity import record_hashes, verify_files, weights_sha256
 from hubmerge.output import MANIFEST, atomic_directory, read_manifest
 from hubmerge.private import PRIVATE_DIR, TASK_FILES_DIR
-from hubmerge.sources import SAFETENSORS_DTYPES, Checkpoint, TensorInfo, resolve_source, support_files
+from hubmerge.sources import (
+    SAFETENSORS_DTYPES,
+    Checkpoint,
+    SafetensorsReader,
+    TensorInfo,
+    resolve_source,
+    support_files,
+)
 from hubmerge.writer import ShardedFiles, Slot, parse_shard_size
 
 # What an artifact consists of; exported task subfolders and anything else in the repo are not downloaded.
@@ -304,12 +312,12 @@ class CompressedMerge(
         with safe_open(single, framework="pt") as f:
             return dict.fromkeys(f.keys(), single)
 
-    def iter_vector(self, keys: list[str] | None = None) -> Iterator[tuple[str, torch.Tensor]]:
-        """(key, τ_MTL tensor as stored) of `keys` (default: every merged tensor), one at a time."""
+    def vector_readers(self) -> dict[str, SafetensorsReader]:
+        """{merged tensor: the reader of the τ_MTL file that holds it}; positioned reads, not a memory map, so
+        only what is read stays in memory."""
         files = self._vector_file_of()
-        handles = {f: safe_open(f, framework="pt") for f in set(files.values())}
-        for key in files if keys is None else keys:
-            yield key, handles[files[key]].get_tensor(key)
+        readers = {path: SafetensorsReader(path) for path in set(files.values())}
+        return {key: readers[path] for key, path in files.items()}
 
     def values(self, task: str) -> dict[str, torch.Tensor]:
         """Magnitude pruning: the task's kept τ values per merged tensor, in the mask's row-major order."""
@@ -378,27 +386,12 @@ class CompressedMerge(
         return dtype
 
     def iter_materialized(self, task: str, dtype: str | None = None) -> Iterator[tuple[str, torch.Tensor]]:
-        """(key, tensor) of task `task`'s model in sorted key order, one tensor at a time; merged tensors are
-        θ0 + m_t ⊙ τ_MTL computed in float32, then stored in `dtype` (see `task_infos`)."""
-        infos = self.task_infos(task, dtype)
-        masks = self.mask(task)
-        base = self.base
-        private = self.private_tensors(task)
-        if self.manifest["vector"] is None:
-            values = self.values(task)
-        else:
-            files = self._vector_file_of()
-            handles = {f: safe_open(f, framework="pt") for f in set(files.values())}
-        for key, info in infos.items():
-            if key in masks:
-                theta0 = base.read(key)
-                if self.manifest["vector"] is None:
-                    merged = rebuild_sparse(theta0, values[key], masks[key])
-                else:
-                    merged = rebuild(theta0, handles[files[key]].get_tensor(key), masks[key])
-                yield key, merged.to(info.dtype)
-            else:
-                yield key, (private[key] if key in private else base.read(key)).to(info.dtype)
+        """(key, tensor) of task `task`'s model in sorted key order, one tensor at a time (its mask, τ_MTL
+        and own tensors are read tensor by tensor too); merged tensors are θ0 + m_t ⊙ τ_MTL computed in
+        float32, then stored in `dtype` (see `task_infos`)."""
+        reader = TaskReader(self, task, dtype)
+        for key in reader.infos:
+            yield key, reader.read(key)
 
     def materialize(self, task: str, dtype: str | None = None) -> dict[str, torch.Tensor]:
         """The full state dict of task `task`'s model (see `iter_materialized`)."""
@@ -538,3 +531,50 @@ class CompressedMerge(
     def agreement_histogram(self) -> list[int]:
         """hist[c] = entries contained in exactly c task masks, c = 0..T (over all counted entries)."""
         return list(self.manifest["stats"]["agreement_histogram"])
+
+
+class TaskReader:
+    """One task's files of an artifact, open: reads any tensor of the task's model, merged ones rebuilt.
+
+    Args:
+        merge: the artifact.
+        task: one of its tasks.
+        dtype: as for `CompressedMerge.task_infos`.
+    """
+
+    def __init__(self, merge: CompressedMerge, task: str, dtype: str | None = None):
+        self.infos = merge.task_infos(task, dtype)
+        self.merged = merge._mask_shapes(task)
+        self.base = merge.base
+        self.masks = SafetensorsReader(merge._task_file(MASK_DIR, task))
+        private = merge._private_file(task)
+        self.private = SafetensorsReader(private) if private is not None else None
+        # magnitude pruning keeps each task's own values; the other methods share τ_MTL
+        shared = merge.manifest["vector"] is not None
+        self.values = None if shared else SafetensorsReader(merge._task_file(VALUE_DIR, task))
+        self.vector = merge.vector_readers() if shared else None
+
+    def read(self, key: str) -> torch.Tensor:
+        """Tensor `key` of the task's model, in its output dtype."""
+        info = self.infos[key]
+        if key not in self.merged:
+            own = self.private is not None and key in self.private.infos
+            return (self.private.read(key) if own else self.base.read(key)).to(info.dtype)
+        theta0 = self.base.read(key)
+        mask = unpack_bits(self.masks.read(key), theta0.numel()).reshape(theta0.shape)
+        if self.vector is None:
+            return rebuild_sparse(theta0, self.values.read(key), mask).to(info.dtype)
+        return rebuild(theta0, self.vector[key].read(key), mask).to(info.dtype)
+
+    def read_into(self, key: str, out: torch.Tensor) -> None:
+        """Tensor `key` into `out` (contiguous, any dtype): its output dtype's values, cast to `out`'s. A
+        merged tensor on the CPU goes straight from θ0, τ_MTL and the packed mask into `out` (fused kernel),
+        with no float32 temporary of the whole tensor."""
+        if key in self.merged and self.vector is not None and out.device.type == "cpu":
+            theta0, packed = self.base.read(key), self.masks.read(key)
+            tau = self.vector[key].read(key)
+            if fused.rebuild_into(
+                theta0.reshape(-1), tau.reshape(-1), packed, self.infos[key].dtype, out.view(-1)
+            ):
+                return
+        out.copy_(self.read(key))

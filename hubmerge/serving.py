@@ -15,17 +15,16 @@ from __future__ import annotations
 import copy
 from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 
+from hubmerge import fused
 from hubmerge.artifacts import OUTPUT_DTYPES, rebuild, rebuild_sparse
+from hubmerge.compressed import CompressedMerge, TaskReader
 from hubmerge.errors import HubmergeError
 from hubmerge.hub import OPEN_CLIP_CONFIG
 from hubmerge.sources import TensorInfo
-
-if TYPE_CHECKING:
-    from hubmerge.compressed import CompressedMerge
 
 # Entries rebuilt at once while switching (a multiple of 8: whole bytes of a packed mask): the float32
 # temporaries of a piece stay in the caches on a CPU, and a GPU still gets large kernels.
@@ -91,26 +90,46 @@ def _empty_model(files: dict[str, Path], model_class: type | None, dtype: torch.
 
 
 def _empty_open_clip(config_file: Path, dtype: torch.dtype, task: str) -> Any:
+    """The model open_clip's factory (`create_model("local-dir:...")`) builds from the config's `model_cfg`, on
+    the meta device with its buffers in `dtype`.
+
+    As the factory does for a full checkpoint: CLIP, CustomTextCLIP (`custom_text`, or a Hugging Face text tower)
+    or CoCa (custom text with a `multimodal_cfg`), no pretrained tower weights fetched (timm, Hugging Face), and
+    the preprocessing config (`preprocess_cfg` over open_clip's defaults, the vision tower's image size) set on
+    the model. Every weight is loaded in one dtype, like open_clip's `pure_*` precisions: no mixed-precision
+    cast dtype, the model built in float32 and its buffers cast after (as `model.to(dtype)` does)."""
     import json
 
     from accelerate import init_empty_weights
 
     try:
         import open_clip
+        from open_clip.transform import PreprocessCfg, merge_preprocess_dict
     except ImportError:
         raise HubmergeError(
             f"task {task!r} is an open_clip model; install the clip extra: pip install 'hubmerge[clip]'"
         ) from None
-    model_cfg = json.loads(config_file.read_text())["model_cfg"]
-    custom = "hf_model_name" in model_cfg.get("text_cfg", {}) or model_cfg.get("custom_text", False)
-    model_cfg = {k: v for k, v in model_cfg.items() if k != "custom_text"}
-    previous = torch.get_default_dtype()
-    torch.set_default_dtype(dtype)
-    try:
-        with init_empty_weights():
-            return (open_clip.CustomTextCLIP if custom else open_clip.CLIP)(**model_cfg)
-    finally:
-        torch.set_default_dtype(previous)
+    config = json.loads(config_file.read_text())
+    model_cfg = copy.deepcopy(config["model_cfg"])
+    vision_cfg, text_cfg = model_cfg.get("vision_cfg", {}), model_cfg.get("text_cfg", {})
+    if "timm_model_name" in vision_cfg:
+        vision_cfg["timm_model_pretrained"] = False
+    hf_text = "hf_model_name" in text_cfg
+    if hf_text:
+        text_cfg["hf_model_pretrained"] = False
+    if model_cfg.pop("custom_text", False) or hf_text:
+        model_class = open_clip.CoCa if "multimodal_cfg" in model_cfg else open_clip.CustomTextCLIP
+    else:
+        model_class = open_clip.CLIP
+    with init_empty_weights():
+        model = model_class(**model_cfg)
+    model.to(dtype)
+    preprocess = merge_preprocess_dict(PreprocessCfg(), config.get("preprocess_cfg", {}))
+    image_size = getattr(getattr(model, "visual", None), "image_size", None)
+    if image_size is not None:
+        preprocess["size"] = image_size
+    open_clip.set_model_preprocess_cfg(model, preprocess)
+    return model
 
 
 def _placement(model: torch.nn.Module) -> Callable[[str], str | None]:
@@ -161,17 +180,22 @@ def load_task_model(
 
     device = torch.device(device or "cpu")
     wanted = torch_dtype(dtype)
-    infos = merge.task_infos(task)
-    model = _empty_model(merge.task_files(task), model_class, wanted or _default_dtype(infos), task)
+    reader = TaskReader(merge, task)
+    model = _empty_model(merge.task_files(task), model_class, wanted or _default_dtype(reader.infos), task)
     place = _placement(model)
-    for key, tensor in merge.iter_materialized(task):
+    for key, info in reader.infos.items():
         name = place(key)
         if name is None:
             raise HubmergeError(
                 f"task {task!r}: tensor {key!r} has no place in {type(model).__name__} (built from the task's "
                 "config); pass model_class= for another class"
             )
-        target = wanted if wanted is not None and tensor.is_floating_point() else tensor.dtype
+        target = wanted if wanted is not None and info.is_float else info.dtype
+        if device.type == "cpu":  # rebuilt straight into the parameter's own memory
+            tensor = torch.empty(info.shape, dtype=target)
+            reader.read_into(key, tensor)
+        else:
+            tensor = reader.read(key)
         set_module_tensor_to_device(model, name, device, value=tensor, dtype=target)
     return _finish(model, device, task)
 
@@ -208,7 +232,8 @@ class TaskSwitcher:
         }
         self.shared_vector = merge.manifest["vector"] is not None
         if self.shared_vector:
-            self.tau = {k: t.to(device).reshape(-1) for k, t in merge.iter_vector(self.keys)}
+            readers = merge.vector_readers()
+            self.tau = {k: readers[k].read(k).to(device).reshape(-1) for k in self.keys}
             self.values: dict[str, dict[str, torch.Tensor]] = {}
         else:
             self.tau = {}
@@ -238,8 +263,9 @@ class TaskSwitcher:
         }
 
     def rebuild_into(self, task: str, key: str, out: torch.Tensor) -> None:
-        """Write task `task`'s tensor `key` into `out` (contiguous, any dtype) piece by piece: rebuilt in
-        float32, cast to the dtype the task's model stores it in, then to `out`'s dtype."""
+        """Write task `task`'s tensor `key` into `out` (contiguous, any dtype): rebuilt in float32, cast to
+        the dtype the task's model stores it in, then to `out`'s dtype; by the fused kernel on a CPU, else
+        piece by piece with torch operations."""
         stored, flat = self.stored[task][key], out.view(-1)
         packed, theta0 = self.packed[task][key], self.theta0[key]
         if not self.shared_vector:
@@ -247,6 +273,8 @@ class TaskSwitcher:
             flat.copy_(rebuild_sparse(theta0, self.values[task][key], mask).to(stored))
             return
         tau, n = self.tau[key], theta0.numel()
+        if fused.rebuild_into(theta0, tau, packed, stored, flat):
+            return
         for start in range(0, n, SWITCH_PIECE_ENTRIES):
             stop = min(start + SWITCH_PIECE_ENTRIES, n)
             mask = unpack_bits_on(packed[start // 8 : (stop + 7) // 8], stop - start)

@@ -298,3 +298,32 @@ def test_the_cache_directory_needs_no_home_when_it_is_named(tmp_path, monkeypatc
     assert fused.cache_directory() == tmp_path / "hubmerge"
     monkeypatch.setenv("HUBMERGE_CACHE", str(tmp_path / "kernels-here"))
     assert fused.cache_directory() == tmp_path / "kernels-here"
+
+
+@pytest.mark.parametrize("n", SIZES)
+@pytest.mark.parametrize("dtypes", DTYPE_MIXES, ids=lambda d: "-".join(str(x)[6:] for x in d))
+@pytest.mark.parametrize("stored", [torch.float32, torch.bfloat16], ids=["stored32", "storedbf16"])
+@pytest.mark.parametrize("out_dtype", [torch.float32, torch.bfloat16], ids=["out32", "outbf16"])
+def test_rebuild_matches_the_artifact_rebuild_and_its_casts(n, dtypes, stored, out_dtype):
+    from hubmerge.artifacts import pack_bits, rebuild
+
+    base, (theta,) = pieces(n, 1, dtypes, seed=n, special=False)
+    tau = theta.float() - base.float()
+    generator = torch.Generator().manual_seed(n + 1)
+    where = torch.randint(0, n, (len(SPECIAL),), generator=generator)
+    tau[where] = torch.tensor(SPECIAL[: len(where)])  # NaN/Inf/±0/subnormal τ, in and out of the mask
+    mask = torch.rand(n, generator=generator) < 0.5
+    out = torch.full((n,), 7.0, dtype=out_dtype)
+    assert fused.rebuild_into(base, tau, pack_bits(mask), stored, out)
+    expected = rebuild(base, tau, mask).to(stored).to(out_dtype)
+    finite = ~expected.isnan()
+    assert torch.equal(
+        out.isnan(), ~finite
+    )  # a NaN's payload follows torch's vectorized cast, not its tail's
+    assert same_bits(out[finite], expected[finite])
+
+
+def test_rebuild_leaves_float16_and_gpu_cases_to_torch():
+    base, tau, packed = torch.zeros(16), torch.ones(16), torch.zeros(2, dtype=torch.uint8)
+    assert not fused.rebuild_into(base, tau, packed, torch.float16, torch.empty(16))
+    assert not fused.rebuild_into(base, tau, packed, torch.float32, torch.empty(16, dtype=torch.float16))

@@ -48,6 +48,10 @@ _SIGNATURES = {
         [*_PIECES, _pointer, _pointer, _int32, _pointer, _int64, _int32, _float, _pointer, _pointer],
     ),
     "hm_nonfinite": (_int64, [_pointer, _int32, _int64, _int64]),
+    "hm_rebuild": (
+        None,
+        [_pointer, _int32, _pointer, _int32, _pointer, _int64, _int64, _int32, _pointer, _int32],
+    ),
     "hm_take_nonfinite": (_int64, []),
 }
 
@@ -138,10 +142,11 @@ _nonfinite_seen = 0
 _nonfinite_lock = threading.Lock()
 
 
-def _split(n: int, call: Callable[[int, int, int], object]) -> list:
-    """call(part, start, end) over torch.get_num_threads() contiguous parts of [0, n), in parallel."""
+def _split(n: int, call: Callable[[int, int, int], object], align: int = 1) -> list:
+    """call(part, start, end) over torch.get_num_threads() contiguous parts of [0, n), in parallel; every
+    start a multiple of `align`."""
     parts = max(1, min(torch.get_num_threads(), n // 65536))
-    bounds = [n * p // parts for p in range(parts + 1)]
+    bounds = [min(n, n * p // parts // align * align) for p in range(parts)] + [n]
 
     def counted(part: int, start: int, end: int) -> object:
         result = call(part, start, end)
@@ -310,3 +315,29 @@ def nonfinite_count(piece: torch.Tensor) -> int:
     """Entries of a contiguous CPU piece (`supports`) that are NaN or ±Inf, in one thread: the engine counts
     only the pieces `take_nonfinite` flagged, model by model, to name the one that holds them."""
     return library().hm_nonfinite(piece.data_ptr(), DTYPE_CODES[piece.dtype], 0, piece.numel())
+
+
+def rebuild_into(
+    base: torch.Tensor, tau: torch.Tensor, packed: torch.Tensor, stored: torch.dtype, out: torch.Tensor
+) -> bool:
+    """`artifacts.rebuild` of a whole tensor from its packed mask, cast to `stored` then to `out`'s dtype,
+    written into `out`; False, with nothing done, where the kernel does not apply (float16 casts, a GPU,
+    no compiler)."""
+    rounded = (torch.float32, torch.bfloat16)
+    if library() is None or stored not in rounded or out.dtype not in rounded or not supports(base, tau, out):
+        return False
+    if packed.device.type != "cpu" or not packed.is_contiguous():
+        return False
+    args = (
+        base.data_ptr(),
+        DTYPE_CODES[base.dtype],
+        tau.data_ptr(),
+        DTYPE_CODES[tau.dtype],
+        packed.data_ptr(),
+    )
+
+    def run(_: int, start: int, end: int) -> None:
+        library().hm_rebuild(*args, start, end, DTYPE_CODES[stored], out.data_ptr(), DTYPE_CODES[out.dtype])
+
+    _split(base.numel(), run, align=8)
+    return True

@@ -284,3 +284,51 @@ int64_t hm_nonfinite(const void *src, int32_t dtype, int64_t start, int64_t end)
     }
     return count;
 }
+
+/* float32 -> bfloat16 bits, rounded to nearest even as torch's vectorized cast rounds (a NaN -> 0xffff) */
+static inline uint16_t bfloat16_bits(float f) {
+    if (f != f) return 0xffff;
+    uint32_t u = to_bits(f);
+    return (uint16_t)((u + 0x7fffu + ((u >> 16) & 1u)) >> 16);
+}
+
+/* entries [start, start + count) of a flat piece as float32, without counting NaN/Inf (rebuilding, not merging) */
+static void widen(const void *src, int32_t dtype, int64_t start, int64_t count, float *out) {
+    if (dtype == F32) {
+        memcpy(out, (const float *)src + start, (size_t)count * 4);
+    } else if (dtype == BF16) {
+        const uint16_t *s = (const uint16_t *)src + start;
+        for (int64_t i = 0; i < count; i++) out[i] = from_bits((uint32_t)s[i] << 16);
+    } else {
+        const uint16_t *s = (const uint16_t *)src + start;
+        for (int64_t i = 0; i < count; i++) out[i] = half_to_float(s[i]);
+    }
+}
+
+/* Entries [start, end) of one task's tensor rebuilt from an artifact (`artifacts.rebuild`): θ0 + τ where the
+ * task's mask bit is set, θ0 elsewhere, in float32; rounded to `stored` (the dtype the task's model stores
+ * it in), then written to out[i] in `out_dtype`. `packed` holds the bits of the whole tensor, first entry
+ * in the most significant bit (numpy.packbits); `start` is a multiple of 8. `stored` and `out_dtype` are
+ * F32 or BF16. */
+void hm_rebuild(const void *base, int32_t base_dtype, const void *tau, int32_t tau_dtype, const uint8_t *packed,
+                int64_t start, int64_t end, int32_t stored, void *out, int32_t out_dtype) {
+    float v[BLOCK], t[BLOCK];
+    for (int64_t at = start; at < end; at += BLOCK) {
+        int64_t count = end - at < BLOCK ? end - at : BLOCK;
+        widen(base, base_dtype, at, count, v);
+        widen(tau, tau_dtype, at, count, t);
+        for (int64_t i = 0; i < count; i += 8) {
+            uint8_t bits = packed[(at + i) >> 3];
+            int64_t n = count - i < 8 ? count - i : 8;
+            for (int64_t k = 0; k < n; k++) v[i + k] = (bits >> (7 - k)) & 1 ? v[i + k] + t[i + k] : v[i + k];
+        }
+        if (stored == BF16)
+            for (int64_t i = 0; i < count; i++) v[i] = from_bits((uint32_t)bfloat16_bits(v[i]) << 16);
+        if (out_dtype == F32) {
+            memcpy((float *)out + at, v, (size_t)count * 4);
+        } else {
+            uint16_t *o = (uint16_t *)out + at;
+            for (int64_t i = 0; i < count; i++) o[i] = bfloat16_bits(v[i]);
+        }
+    }
+}
