@@ -21,7 +21,6 @@ import torch
 from huggingface_hub import ModelHubMixin
 from huggingface_hub import constants as hf_constants
 from safetensors import safe_open
-from safetensors.torch import load_file
 
 from hubmerge import fused
 from hubmerge.artifacts import (
@@ -66,6 +65,13 @@ ARTIFACT_PATTERNS = [
     f"{TASK_FILES_DIR}/*",
 ]
 READABLE_VERSIONS = (1, FORMAT_VERSION)
+
+
+def read_all(path: Path) -> dict[str, torch.Tensor]:
+    """Every tensor of a safetensors file, read into memory (positioned reads: the tensors do not keep the
+    file mapped, so what is kept resident is really in memory)."""
+    reader = SafetensorsReader(path)
+    return {key: reader.read(key) for key in reader.infos}
 
 
 class CompressedMerge(
@@ -251,7 +257,7 @@ class CompressedMerge(
                 f"base {base.name}: not the base this artifact was made from (its weights' SHA-256 differs from "
                 f"the recorded {recorded[:12]}…); pass the original base with base= (or --base)"
             )
-        shapes = self._mask_shapes(self.tasks[0])
+        shapes = self.mask_shapes(self.tasks[0])
         for key, shape in shapes.items():
             info = base.infos.get(key)
             if info is None:
@@ -283,7 +289,8 @@ class CompressedMerge(
             self._verified.add(name)
         return path
 
-    def _mask_shapes(self, task: str) -> dict[str, list[int]]:
+    def mask_shapes(self, task: str) -> dict[str, list[int]]:
+        """{merged tensor: shape}, from the task's mask file's metadata."""
         with safe_open(self._task_file(MASK_DIR, task), framework="pt") as f:
             return json.loads(f.metadata()["hubmerge.shapes"])
 
@@ -298,7 +305,7 @@ class CompressedMerge(
 
     def packed_masks(self, task: str) -> dict[str, torch.Tensor]:
         """The task's mask as stored: per merged tensor, uint8 with 8 entries per byte (`pack_bits`)."""
-        return load_file(self._task_file(MASK_DIR, task))
+        return read_all(self._task_file(MASK_DIR, task))
 
     def _vector_file_of(self) -> dict[str, Path]:
         index = self.directory / f"{VECTOR_STEM}.safetensors.index.json"
@@ -321,7 +328,7 @@ class CompressedMerge(
 
     def values(self, task: str) -> dict[str, torch.Tensor]:
         """Magnitude pruning: the task's kept τ values per merged tensor, in the mask's row-major order."""
-        return load_file(self._task_file(VALUE_DIR, task))
+        return read_all(self._task_file(VALUE_DIR, task))
 
     def _private_file(self, task: str) -> Path | None:
         private = self.task_record(task).get("private")
@@ -330,7 +337,7 @@ class CompressedMerge(
     def private_tensors(self, task: str) -> dict[str, torch.Tensor]:
         """The task's own tensors (heads, tensors the recipe excluded that its training changed), as stored."""
         path = self._private_file(task)
-        return {} if path is None else load_file(path)
+        return {} if path is None else read_all(path)
 
     def task_files(self, task: str) -> dict[str, Path]:
         """{relative name: file} of the task model's config, tokenizer and generation files: the base's, with
@@ -359,7 +366,7 @@ class CompressedMerge(
         """
         dtype = self._dtype(dtype)
         base, record = self.base, self.task_record(task)
-        merged = self._mask_shapes(task)
+        merged = self.mask_shapes(task)
         if self._legacy(task):
             stored = dict(base.infos)
         else:
@@ -411,7 +418,8 @@ class CompressedMerge(
         Args:
             task: a task of the artifact.
             device: where the weights go (default: the CPU).
-            dtype: the weights' dtype (default: as rebuilt, see `task_infos`).
+            dtype: every weight's dtype (default: each as rebuilt, see `task_infos`: the fine-tune's, where
+                `from_pretrained` would give its `dtype` default); for open_clip, like its `pure_*` precisions.
             model_class: a transformers class (an Auto class or a concrete one); default: the class the task's
                 config names in `architectures`. open_clip artifacts build open_clip models.
             base: the base to rebuild from instead of the recorded one (a moved or mirrored copy; checked), for
@@ -544,7 +552,7 @@ class TaskReader:
 
     def __init__(self, merge: CompressedMerge, task: str, dtype: str | None = None):
         self.infos = merge.task_infos(task, dtype)
-        self.merged = merge._mask_shapes(task)
+        self.merged = merge.mask_shapes(task)
         self.base = merge.base
         self.masks = SafetensorsReader(merge._task_file(MASK_DIR, task))
         private = merge._private_file(task)

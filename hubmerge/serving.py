@@ -66,6 +66,10 @@ def _empty_model(files: dict[str, Path], model_class: type | None, dtype: torch.
     from accelerate import init_empty_weights
 
     if OPEN_CLIP_CONFIG in files:
+        if model_class is not None:
+            raise HubmergeError(
+                f"task {task!r} is an open_clip model; model_class= chooses among transformers classes"
+            )
         return _empty_open_clip(files[OPEN_CLIP_CONFIG], dtype, task)
     import transformers
     from transformers.models.auto.auto_factory import _BaseAutoModelClass
@@ -223,7 +227,7 @@ class TaskSwitcher:
         self.merge = merge
         self.tasks = merge.tasks
         self.device = device
-        shapes = merge._mask_shapes(self.tasks[0])
+        shapes = merge.mask_shapes(self.tasks[0])
         self.keys = list(shapes) if keys is None else keys
         self.shapes = {k: tuple(shapes[k]) for k in self.keys}
         base = merge.base
@@ -246,7 +250,8 @@ class TaskSwitcher:
             for task in self.tasks
         }
         # merged tensors' dtypes as each task's model stores them (the fine-tune's, or the recipe's dtype)
-        self.stored = {task: {k: merge.task_infos(task)[k].dtype for k in self.keys} for task in self.tasks}
+        infos = {task: merge.task_infos(task) for task in self.tasks}
+        self.stored = {task: {k: infos[task][k].dtype for k in self.keys} for task in self.tasks}
 
     def resident_bytes(self) -> dict[str, int]:
         """Bytes held per part: θ0, τ_MTL (or kept values), packed masks."""

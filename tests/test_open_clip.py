@@ -31,10 +31,14 @@ MODEL_CFG = {
 }
 
 
-def write_open_clip(directory: Path, state: dict[str, torch.Tensor]) -> None:
-    """The layout open_clip's `local-dir:` and `hf-hub:` loaders read."""
+def write_open_clip(
+    directory: Path, state: dict[str, torch.Tensor], model_cfg: dict | None = None, **config: dict
+) -> None:
+    """The layout open_clip's `local-dir:` and `hf-hub:` loaders read (`config`: more entries of its config)."""
     directory.mkdir(parents=True)
-    (directory / "open_clip_config.json").write_text(json.dumps({"model_cfg": MODEL_CFG}))
+    (directory / "open_clip_config.json").write_text(
+        json.dumps({"model_cfg": model_cfg or MODEL_CFG, **config})
+    )
     save_file({k: v.contiguous() for k, v in state.items()}, directory / "open_clip_model.safetensors")
 
 
@@ -263,3 +267,150 @@ def test_open_clip_outputs_are_one_weights_file_whatever_the_shard_limit(tmp_pat
         if method == "task_arithmetic":
             for k, v in base.items():
                 assert torch.equal(merged[k], v + ((tasks["a"][k] - v) + (tasks["b"][k] - v)))
+
+
+# -- ready models from a compressed artifact (load_model, switchable) -------------------------------------------
+
+# Variants of MODEL_CFG that open_clip's factory builds differently: QuickGELU and a logit bias; the custom text
+# tower (CustomTextCLIP); CoCa (custom text with a multimodal decoder); a Hugging Face text tower (filled in by
+# the fixture: it names a tiny BERT config on disk, and open_clip must not fetch pretrained weights for it).
+# The QuickGELU one has its own preprocessing config, which open_clip merges over its defaults.
+VARIANTS = {
+    "clip": MODEL_CFG,
+    "quick_gelu": {**MODEL_CFG, "quick_gelu": True, "init_logit_bias": -10.0},
+    "custom_text": {**MODEL_CFG, "custom_text": True},
+    "coca": {
+        **MODEL_CFG,
+        "custom_text": True,
+        "vision_cfg": {**MODEL_CFG["vision_cfg"], "attentional_pool": True, "attn_pooler_heads": 2},
+        "text_cfg": {**MODEL_CFG["text_cfg"], "embed_cls": True, "output_tokens": True},
+        "multimodal_cfg": {"context_length": 12, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 1},
+    },
+    "hf_text": {**MODEL_CFG, "text_cfg": {"hf_proj_type": "linear", "hf_pooler_type": "cls_pooler"}},
+}
+PREPROCESS_CFG = {"mean": [0.5, 0.5, 0.5], "std": [0.25, 0.25, 0.25], "interpolation": "bilinear"}
+
+
+@pytest.fixture(scope="module", params=list(VARIANTS))
+def tall_open_clip(
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+) -> tuple[Path, dict]:
+    """A tall_masks artifact of two fine-tunes (image towers) of a tiny open_clip base built by open_clip's own
+    factory; returns the artifact and the model config."""
+    open_clip = pytest.importorskip("open_clip", reason="needs the clip extra: run `make test-clip`")
+    root = tmp_path_factory.mktemp(f"tall-{request.param}")
+    model_cfg = json.loads(json.dumps(VARIANTS[request.param]))
+    if request.param == "hf_text":
+        from transformers import BertConfig
+
+        bert = root / "tiny-bert-config"  # a config only: loading pretrained weights from it fails
+        BertConfig(
+            vocab_size=99,
+            hidden_size=32,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            intermediate_size=37,
+            max_position_embeddings=12,
+        ).save_pretrained(bert)
+        model_cfg["text_cfg"].update(hf_model_name=str(bert), hf_tokenizer_name=str(bert))
+    config_only = root / "config-only"
+    config_only.mkdir()
+    config = {"preprocess_cfg": PREPROCESS_CFG} if request.param == "quick_gelu" else {}
+    (config_only / "open_clip_config.json").write_text(json.dumps({"model_cfg": model_cfg, **config}))
+    torch.manual_seed(0)
+    base = open_clip.create_model(f"local-dir:{config_only}", pretrained_text=False).state_dict()
+    write_open_clip(root / "base", base, model_cfg, **config)
+    for seed, task in enumerate(("shapes", "colors")):
+        torch.manual_seed(24 + 2 * seed)
+        write_open_clip(
+            root / task,
+            {k: v + 0.5 * torch.randn_like(v) if k.startswith("visual.") else v for k, v in base.items()},
+            model_cfg,
+            **config,
+        )
+    out = root / "tall"
+    data = {
+        "version": 1,
+        "base": str(root / "base"),
+        "models": [str(root / "shapes"), str(root / "colors")],
+        "method": "tall_masks",
+        "output": str(out),
+    }
+    result = run(data, root)
+    assert result.exit_code == 0, result.output
+    return out, model_cfg
+
+
+def fixed_inputs(model_cfg: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    generator = torch.Generator().manual_seed(3)
+    size = model_cfg["vision_cfg"]["image_size"]
+    vocab = 99 if "hf_model_name" in model_cfg["text_cfg"] else model_cfg["text_cfg"]["vocab_size"]
+    return (
+        torch.randn(2, 3, size, size, generator=generator),
+        torch.randint(1, vocab, (2, 12), generator=generator),
+    )
+
+
+def assert_same_state(model: torch.nn.Module, expected: torch.nn.Module) -> None:
+    state, reference = model.state_dict(), expected.state_dict()
+    assert state.keys() == reference.keys()
+    for key, value in reference.items():
+        assert state[key].dtype == value.dtype, key
+        assert torch.equal(state[key], value), key
+
+
+@torch.no_grad()
+def assert_same_outputs(model: torch.nn.Module, expected: torch.nn.Module, model_cfg: dict) -> None:
+    images, tokens = fixed_inputs(model_cfg)
+    dtype = next(expected.parameters()).dtype
+    assert torch.equal(model.encode_image(images.to(dtype)), expected.encode_image(images.to(dtype)))
+    assert torch.equal(model.encode_text(tokens), expected.encode_text(tokens))
+
+
+def test_load_model_of_a_compressed_open_clip_merge_is_what_open_clip_loads(
+    tall_open_clip: tuple[Path, dict], tmp_path: Path
+) -> None:
+    import open_clip
+
+    from hubmerge import CompressedMerge
+
+    out, model_cfg = tall_open_clip
+    merge = CompressedMerge.from_pretrained(out)
+    for task in merge.tasks:
+        model = merge.load_model(task)
+        target = merge.save_task(task, tmp_path / task)
+        expected, _, _ = open_clip.create_model_and_transforms(f"local-dir:{target}")
+        expected.eval()
+        assert type(model) is type(expected)
+        assert not any(module.training for module in model.modules())
+        assert all(tensor.device.type == "cpu" for tensor in model.state_dict().values())
+        assert_same_state(model, expected)
+        assert_same_outputs(model, expected, model_cfg)
+        preprocess = open_clip.get_model_preprocess_cfg(model)
+        assert preprocess == open_clip.get_model_preprocess_cfg(expected)
+        if model_cfg.get("quick_gelu"):
+            assert preprocess["interpolation"] == "bilinear"
+
+    # every weight in bfloat16: open_clip's `pure_bf16` precision
+    model = merge.load_model(task, dtype=torch.bfloat16)
+    expected = open_clip.create_model(f"local-dir:{target}", precision="pure_bf16").eval()
+    assert_same_state(model, expected)
+    assert all(b.dtype == e.dtype for b, e in zip(model.buffers(), expected.buffers(), strict=True))
+    assert_same_outputs(model, expected, model_cfg)
+
+
+def test_a_switched_open_clip_model_equals_the_loaded_task_model(tall_open_clip: tuple[Path, dict]) -> None:
+    from hubmerge import CompressedMerge
+
+    out, model_cfg = tall_open_clip
+    merge = CompressedMerge.from_pretrained(out)
+    first, other = merge.tasks
+    model = merge.switchable()
+    assert model.task == first
+    assert_same_state(model, merge.load_model(first))
+    for task in (other, first, other):
+        model.set_task(task)
+        assert model.task == task
+        expected = merge.load_model(task)
+        assert_same_state(model, expected)
+        assert_same_outputs(model, expected, model_cfg)

@@ -197,8 +197,8 @@ def test_switching_reads_no_file(artifact: Path, monkeypatch: pytest.MonkeyPatch
     def no_reads(*args, **kwargs):
         raise AssertionError("set_task read a file")
 
-    monkeypatch.setattr("hubmerge.compressed.load_file", no_reads)
     monkeypatch.setattr("hubmerge.compressed.safe_open", no_reads)
+    monkeypatch.setattr("hubmerge.sources.SafetensorsReader.read", no_reads)
     monkeypatch.setattr("hubmerge.sources.Checkpoint.read", no_reads)
     served.set_task("mood")
     served.set_task("topic")
@@ -210,7 +210,8 @@ def test_a_head_of_another_shape_must_be_excluded(models: Path, tmp_path: Path) 
     data = recipe(models)
     del data["exclude"]
     with pytest.raises(
-        HubmergeError, match=r"shape mismatch classifier\.bias \[3\] vs base \[2\].*exclude: \['classifier\.\*'\]; each task"
+        HubmergeError,
+        match=r"shape mismatch classifier\.bias \[3\] vs base \[2\].*exclude: \['classifier\.\*'\]; each task",
     ):
         run_recipe(parse_recipe(data), output=tmp_path / "out")
 
@@ -347,3 +348,11 @@ def test_artifacts_of_hub_sources_hold_no_local_path(
     reference = AutoModelForSequenceClassification.from_pretrained(models / "genre")
     assert model.config.id2label == reference.config.id2label
     assert torch.equal(model.classifier.weight, reference.classifier.weight)
+
+    mirror = tmp_path / "mirror"  # a local copy of the Hub base serves as well; another model does not
+    shutil.copytree(models / "base", mirror)
+    assert torch.equal(logits(merge.load_model("genre", base=mirror)), logits(model))
+    torch.manual_seed(3)
+    BertForSequenceClassification(bert_config(hidden_size=16)).save_pretrained(tmp_path / "small")
+    with pytest.raises(HubmergeError, match=r"small: tensor 'bert\..*' is \[.*\], this artifact's is \["):
+        merge.load_model("genre", base=tmp_path / "small")
