@@ -375,12 +375,7 @@ class CompressedMerge(
                 stored[key] = TensorInfo(base.infos[key].shape, SAFETENSORS_DTYPES[name])
             path = self._private_file(task)
             if path is not None:
-                with safe_open(path, framework="pt") as f:
-                    for key in sorted(f.keys()):
-                        piece = f.get_slice(key)
-                        stored[key] = TensorInfo(
-                            tuple(piece.get_shape()), SAFETENSORS_DTYPES[piece.get_dtype()]
-                        )
+                stored.update(SafetensorsReader(path).infos)
         return {
             key: TensorInfo(info.shape, output_dtype(dtype, info.dtype) if info.is_float else info.dtype)
             for key, info in sorted(stored.items())

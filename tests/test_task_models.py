@@ -356,3 +356,20 @@ def test_artifacts_of_hub_sources_hold_no_local_path(
     BertForSequenceClassification(bert_config(hidden_size=16)).save_pretrained(tmp_path / "small")
     with pytest.raises(HubmergeError, match=r"small: tensor 'bert\..*' is \[.*\], this artifact's is \["):
         merge.load_model("genre", base=tmp_path / "small")
+
+
+def test_a_tensor_the_base_lacks_is_the_tasks_own(models: Path, tmp_path: Path) -> None:
+    from safetensors.torch import save_file
+
+    extra = tmp_path / "extra"
+    shutil.copytree(models / "mood", extra)
+    weights = load_file(extra / "model.safetensors")
+    weights["adapter.scale"] = torch.tensor([0.5, 2.0])
+    save_file(weights, extra / "model.safetensors", metadata={"format": "pt"})
+    data = recipe(models)
+    data["models"][1]["source"] = str(extra)
+    run_recipe(parse_recipe(data), output=tmp_path / "out")
+    rebuilt = CompressedMerge.from_pretrained(tmp_path / "out").materialize("mood")
+    assert torch.equal(rebuilt["adapter.scale"], weights["adapter.scale"])
+    with pytest.raises(HubmergeError, match=r"model 'mood' .* extra keys adapter\.scale"):
+        run_recipe(parse_recipe({**data, "method": "task_arithmetic"}), output=tmp_path / "merged")
