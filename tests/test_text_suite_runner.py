@@ -275,6 +275,7 @@ def test_bf16_section_shows_bits_per_task_next_to_the_float32_rows(tmp_path: Pat
         "the largest task difference is +0.0 points" in line and "Identical per task." in line
         for line in lines
     )
+    assert "this run's fine-tuned row equals the table above's task by task." in section
     assert f"]({run.STORAGE_PNG})" in section
 
     png = tmp_path / run.STORAGE_PNG

@@ -285,50 +285,65 @@ int64_t hm_nonfinite(const void *src, int32_t dtype, int64_t start, int64_t end)
     return count;
 }
 
-/* float32 -> bfloat16 bits, rounded to nearest even as torch's vectorized cast rounds (a NaN -> 0xffff) */
+/* float32 -> bfloat16 bits, rounded to nearest even as torch's vectorized cast rounds (a NaN -> 0xffff);
+ * branch-free, so that loops over it vectorize */
 static inline uint16_t bfloat16_bits(float f) {
-    if (f != f) return 0xffff;
     uint32_t u = to_bits(f);
-    return (uint16_t)((u + 0x7fffu + ((u >> 16) & 1u)) >> 16);
+    uint32_t rounded = (u + 0x7fffu + ((u >> 16) & 1u)) >> 16;
+    uint32_t nan = 0u - (uint32_t)((u & 0x7fffffffu) > 0x7f800000u);
+    return (uint16_t)((rounded & ~nan) | (0xffffu & nan));
 }
 
-/* entries [start, start + count) of a flat piece as float32, without counting NaN/Inf (rebuilding, not merging) */
-static void widen(const void *src, int32_t dtype, int64_t start, int64_t count, float *out) {
-    if (dtype == F32) {
-        memcpy(out, (const float *)src + start, (size_t)count * 4);
-    } else if (dtype == BF16) {
-        const uint16_t *s = (const uint16_t *)src + start;
-        for (int64_t i = 0; i < count; i++) out[i] = from_bits((uint32_t)s[i] << 16);
-    } else {
-        const uint16_t *s = (const uint16_t *)src + start;
-        for (int64_t i = 0; i < count; i++) out[i] = half_to_float(s[i]);
+static inline float entry(const void *src, int32_t dtype, int64_t i) {
+    if (dtype == F32) return ((const float *)src)[i];
+    uint16_t h = ((const uint16_t *)src)[i];
+    return dtype == BF16 ? from_bits((uint32_t)h << 16) : half_to_float(h);
+}
+
+/* θ0 + τ where `keep` is all ones, θ0 where it is zero, chosen without a branch (a random mask would defeat
+ * the branch predictor), rounded to `stored`, put at out[i] in `out_dtype`; a bfloat16 output is rounded
+ * once, which equals rounding to `stored` first */
+static inline void rebuild_entry(float b, float t, uint32_t keep, int32_t stored, void *out, int32_t out_dtype,
+                                 int64_t i) {
+    float v = from_bits((to_bits(b + t) & keep) | (to_bits(b) & ~keep));
+    if (out_dtype == BF16)
+        ((uint16_t *)out)[i] = bfloat16_bits(v);
+    else
+        ((float *)out)[i] = stored == BF16 ? from_bits((uint32_t)bfloat16_bits(v) << 16) : v;
+}
+
+static inline __attribute__((always_inline)) void rebuild_range(const void *restrict base, int32_t base_dtype,
+                                                                const void *restrict tau, int32_t tau_dtype,
+                                                                const uint8_t *restrict packed, int64_t start,
+                                                                int64_t end, int32_t stored, void *restrict out,
+                                                                int32_t out_dtype) {
+    uint32_t keep[BLOCK]; /* the mask bits of a block as all-ones/zero words: the entry loop then vectorizes */
+    for (int64_t at = start; at < end; at += BLOCK) {
+        int64_t count = end - at < BLOCK ? end - at : BLOCK;
+        for (int64_t i = 0; i < count; i += 8) {
+            uint32_t byte = packed[(at + i) >> 3];
+            for (int k = 0; k < 8; k++) keep[i + k] = 0u - ((byte >> (7 - k)) & 1u);
+        }
+        for (int64_t i = 0; i < count; i++)
+            rebuild_entry(entry(base, base_dtype, at + i), entry(tau, tau_dtype, at + i), keep[i], stored, out,
+                          out_dtype, at + i);
     }
 }
 
 /* Entries [start, end) of one task's tensor rebuilt from an artifact (`artifacts.rebuild`): θ0 + τ where the
  * task's mask bit is set, θ0 elsewhere, in float32; rounded to `stored` (the dtype the task's model stores
- * it in), then written to out[i] in `out_dtype`. `packed` holds the bits of the whole tensor, first entry
+ * it in), then written to out[i] in `out_dtype`. `packed` holds the bits of the whole piece, first entry
  * in the most significant bit (numpy.packbits); `start` is a multiple of 8. `stored` and `out_dtype` are
- * F32 or BF16. */
+ * F32 or BF16. One pass, a block at a time: the block's mask bits spread into words, then one loop over
+ * the entries, which the compiler vectorizes; the usual dtype combinations get loops of their own. */
 void hm_rebuild(const void *base, int32_t base_dtype, const void *tau, int32_t tau_dtype, const uint8_t *packed,
                 int64_t start, int64_t end, int32_t stored, void *out, int32_t out_dtype) {
-    float v[BLOCK], t[BLOCK];
-    for (int64_t at = start; at < end; at += BLOCK) {
-        int64_t count = end - at < BLOCK ? end - at : BLOCK;
-        widen(base, base_dtype, at, count, v);
-        widen(tau, tau_dtype, at, count, t);
-        for (int64_t i = 0; i < count; i += 8) {
-            uint8_t bits = packed[(at + i) >> 3];
-            int64_t n = count - i < 8 ? count - i : 8;
-            for (int64_t k = 0; k < n; k++) v[i + k] = (bits >> (7 - k)) & 1 ? v[i + k] + t[i + k] : v[i + k];
-        }
-        if (stored == BF16)
-            for (int64_t i = 0; i < count; i++) v[i] = from_bits((uint32_t)bfloat16_bits(v[i]) << 16);
-        if (out_dtype == F32) {
-            memcpy((float *)out + at, v, (size_t)count * 4);
-        } else {
-            uint16_t *o = (uint16_t *)out + at;
-            for (int64_t i = 0; i < count; i++) o[i] = bfloat16_bits(v[i]);
-        }
-    }
+    if (base_dtype == F32 && tau_dtype == F32 && stored == F32 && out_dtype == F32)
+        rebuild_range(base, F32, tau, F32, packed, start, end, F32, out, F32);
+    else if (base_dtype == BF16 && tau_dtype == BF16 && out_dtype == BF16)
+        rebuild_range(base, BF16, tau, BF16, packed, start, end, BF16, out, BF16);
+    else if (base_dtype == BF16 && tau_dtype == F32 && out_dtype == BF16)
+        rebuild_range(base, BF16, tau, F32, packed, start, end, BF16, out, BF16);
+    else
+        rebuild_range(base, base_dtype, tau, tau_dtype, packed, start, end, stored, out, out_dtype);
 }
