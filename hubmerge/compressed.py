@@ -37,6 +37,7 @@ from hubmerge.artifacts import (
     rebuild_sparse,
     unpack_bits,
 )
+from hubmerge.engine import first_entry, row_blocks
 from hubmerge.errors import HubmergeError
 from hubmerge.integrity import record_hashes, verify_files, weights_sha256
 from hubmerge.output import MANIFEST, atomic_directory, read_manifest
@@ -65,6 +66,9 @@ ARTIFACT_PATTERNS = [
     f"{TASK_FILES_DIR}/*",
 ]
 READABLE_VERSIONS = (1, FORMAT_VERSION)
+# Entries of θ0 and τ_MTL read at once when a task is rebuilt into a model's memory (row blocks, as the engine
+# reads its pieces: whole tensors freed one after another fragmented the heap by ~250 MiB on a 1 GB model)
+READ_BLOCK_ENTRIES = 1 << 20
 
 
 def read_all(path: Path) -> dict[str, torch.Tensor]:
@@ -571,13 +575,20 @@ class TaskReader:
 
     def read_into(self, key: str, out: torch.Tensor) -> None:
         """Tensor `key` into `out` (contiguous, any dtype): its output dtype's values, cast to `out`'s. A
-        merged tensor on the CPU goes straight from θ0, τ_MTL and the packed mask into `out` (fused kernel),
-        with no float32 temporary of the whole tensor."""
+        merged tensor on the CPU goes from θ0, τ_MTL and the packed mask straight into `out` (fused kernel),
+        row block by row block: no whole-tensor temporary."""
         if key in self.merged and self.vector is not None and out.device.type == "cpu":
-            theta0, packed = self.base.read(key), self.masks.read(key)
-            tau = self.vector[key].read(key)
-            if fused.rebuild_into(
-                theta0.reshape(-1), tau.reshape(-1), packed, self.infos[key].dtype, out.view(-1)
-            ):
+            info, flat, packed = self.base.infos[key], out.view(-1), self.masks.read(key)
+            stored = self.infos[key].dtype
+            for rows in row_blocks(info, READ_BLOCK_ENTRIES):
+                start = first_entry(info, rows)
+                theta0 = self.base.read(key, rows).reshape(-1)
+                tau = self.vector[key].read(key, rows).reshape(-1)
+                stop = start + theta0.numel()
+                if not fused.rebuild_into(
+                    theta0, tau, packed[start // 8 : (stop + 7) // 8], stored, flat[start:stop]
+                ):
+                    break
+            else:
                 return
         out.copy_(self.read(key))

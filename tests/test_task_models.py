@@ -124,9 +124,11 @@ def test_the_record_counts_each_tasks_own_part(models: Path, artifact: Path) -> 
     assert "tasks' own tensors" in " ".join(out.split())
 
 
+@pytest.mark.parametrize("block", [1 << 20, 40], ids=["whole-tensors", "row-blocks"])
 def test_load_model_equals_from_pretrained_of_the_materialized_directory(
-    artifact: Path, tmp_path: Path
+    artifact: Path, tmp_path: Path, block: int, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    monkeypatch.setattr("hubmerge.compressed.READ_BLOCK_ENTRIES", block)
     merge = CompressedMerge.from_pretrained(artifact)
     for dtype in (None, torch.bfloat16):
         model = merge.load_model("genre", dtype=dtype)
