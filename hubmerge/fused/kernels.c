@@ -312,6 +312,14 @@ static inline void rebuild_entry(float b, float t, uint32_t keep, int32_t stored
         ((float *)out)[i] = stored == BF16 ? from_bits((uint32_t)bfloat16_bits(v) << 16) : v;
 }
 
+/* spread[b][k]: all ones where bit k of byte b is set, counting from the most significant bit */
+static uint32_t spread[256][8];
+
+__attribute__((constructor)) static void fill_spread(void) {
+    for (int b = 0; b < 256; b++)
+        for (int k = 0; k < 8; k++) spread[b][k] = 0u - (uint32_t)((b >> (7 - k)) & 1);
+}
+
 static inline __attribute__((always_inline)) void rebuild_range(const void *restrict base, int32_t base_dtype,
                                                                 const void *restrict tau, int32_t tau_dtype,
                                                                 const uint8_t *restrict packed, int64_t start,
@@ -320,10 +328,7 @@ static inline __attribute__((always_inline)) void rebuild_range(const void *rest
     uint32_t keep[BLOCK]; /* the mask bits of a block as all-ones/zero words: the entry loop then vectorizes */
     for (int64_t at = start; at < end; at += BLOCK) {
         int64_t count = end - at < BLOCK ? end - at : BLOCK;
-        for (int64_t i = 0; i < count; i += 8) {
-            uint32_t byte = packed[(at + i) >> 3];
-            for (int k = 0; k < 8; k++) keep[i + k] = 0u - ((byte >> (7 - k)) & 1u);
-        }
+        for (int64_t i = 0; i < count; i += 8) memcpy(keep + i, spread[packed[(at + i) >> 3]], sizeof spread[0]);
         for (int64_t i = 0; i < count; i++)
             rebuild_entry(entry(base, base_dtype, at + i), entry(tau, tau_dtype, at + i), keep[i], stored, out,
                           out_dtype, at + i);
