@@ -223,6 +223,8 @@ class CompressedMerge(
         of it or the same base moved; None goes back to the recorded one. It is checked on first use."""
         spec = None if base is None else str(base)
         if spec != self._base_spec:
+            if self._base is not None:
+                self._base.close()
             self._base_spec, self._base = spec, None
 
     @property
@@ -253,28 +255,30 @@ class CompressedMerge(
         )
 
     def _check_base(self, base: Checkpoint) -> None:
-        """The base must be the one the artifact was made from: its content hash (a local base's), else the
-        merged tensors' shapes and every tensor a task takes from it."""
+        """The base must be the one the artifact was made from: its content hash (a local base's), and the
+        dtype and shape of every tensor the tasks take from it."""
         recorded = self.manifest["base"].get("sha256")
         if recorded is not None and weights_sha256(base.weight_files) != recorded:
             raise HubmergeError(
                 f"base {base.name}: not the base this artifact was made from (its weights' SHA-256 differs from "
                 f"the recorded {recorded[:12]}…); pass the original base with base= (or --base)"
             )
-        shapes = self.mask_shapes(self.tasks[0])
-        for key, shape in shapes.items():
+        # the dtype and shape of every base tensor the tasks use (recorded since format version 2)
+        expected = {k: (None, shape) for k, shape in self.mask_shapes(self.tasks[0]).items()}
+        for record in self.manifest["tasks"]:
+            expected.update({k: (None, None) for k in record.get("from_base", [])})
+        expected.update({k: tuple(v) for k, v in self.manifest["base"].get("tensors", {}).items()})
+        for key, (dtype, shape) in sorted(expected.items()):
             info = base.infos.get(key)
             if info is None:
                 raise HubmergeError(f"base {base.name}: lacks tensor {key!r} of this artifact")
-            if info.shape != tuple(shape):
+            if shape is not None and info.shape != tuple(shape):
                 raise HubmergeError(
-                    f"base {base.name}: tensor {key!r} is {list(info.shape)}, this artifact's is {shape}"
+                    f"base {base.name}: tensor {key!r} is {list(info.shape)}, this artifact's is {list(shape)}"
                 )
-        for record in self.manifest["tasks"]:
-            missing = [k for k in record.get("from_base", []) if k not in base.infos]
-            if missing:
+            if dtype is not None and info.dtype != SAFETENSORS_DTYPES[dtype]:
                 raise HubmergeError(
-                    f"base {base.name}: lacks tensor {missing[0]!r} of task {record['name']!r}"
+                    f"base {base.name}: tensor {key!r} is {info.dtype}, this artifact's base stores it as {dtype}"
                 )
 
     # -- files --------------------------------------------------------------------------------------------------
@@ -294,9 +298,17 @@ class CompressedMerge(
         return path
 
     def mask_shapes(self, task: str) -> dict[str, list[int]]:
-        """{merged tensor: shape}, from the task's mask file's metadata."""
-        with safe_open(self._task_file(MASK_DIR, task), framework="pt") as f:
-            return json.loads(f.metadata()["hubmerge.shapes"])
+        """{merged tensor: shape}, from the task's mask file's metadata, checked against its packed sizes."""
+        path = self._task_file(MASK_DIR, task)
+        with safe_open(path, framework="pt") as f:
+            shapes = json.loads(f.metadata()["hubmerge.shapes"])
+        packed = SafetensorsReader(path).infos
+        for key, shape in shapes.items():
+            if key not in packed or packed[key].numel != math.ceil(math.prod(shape) / 8):
+                raise HubmergeError(
+                    f"{path}: the mask of {key!r} does not fit its shape {shape}; the artifact is damaged"
+                )
+        return shapes
 
     def mask(self, task: str) -> dict[str, torch.Tensor]:
         """The task's mask m_t as bool tensors, one per merged tensor."""
@@ -328,6 +340,14 @@ class CompressedMerge(
         only what is read stays in memory."""
         files = self._vector_file_of()
         readers = {path: SafetensorsReader(path) for path in set(files.values())}
+        shapes = self.mask_shapes(self.tasks[0])
+        for key, shape in shapes.items():
+            info = readers[files[key]].infos.get(key) if key in files else None
+            if info is None or info.shape != tuple(shape):
+                raise HubmergeError(
+                    f"{files.get(key, VECTOR_STEM)}: τ_MTL of {key!r} is "
+                    f"{'missing' if info is None else list(info.shape)}, its mask's shape is {shape}; the artifact is damaged"
+                )
         return {key: readers[path] for key, path in files.items()}
 
     def values(self, task: str) -> dict[str, torch.Tensor]:
@@ -388,7 +408,7 @@ class CompressedMerge(
     def _dtype(self, dtype: str | None) -> str:
         dtype = dtype or self.manifest["dtype"]
         if dtype != "auto" and dtype not in OUTPUT_DTYPES:
-            raise HubmergeError(f"--dtype {dtype}: choose auto, {', '.join(OUTPUT_DTYPES)}")
+            raise HubmergeError(f"dtype {dtype}: choose auto, {', '.join(OUTPUT_DTYPES)}")
         return dtype
 
     def iter_materialized(self, task: str, dtype: str | None = None) -> Iterator[tuple[str, torch.Tensor]]:
@@ -530,7 +550,7 @@ class CompressedMerge(
                 "method": self.method,
                 "dtype": dtype,
                 "artifact": {k: self.manifest.get(k) for k in ("created", "hubmerge_version", "parameters")},
-                "base": self.manifest["base"],
+                "base": self.manifest["base"] if self._base_spec is None else self.base.provenance.as_dict(),
             }
             record_hashes(staging, record, files.digests())
         return target

@@ -169,14 +169,25 @@ def write_manifest(directory: Path, record: dict[str, Any]) -> None:
     staged.replace(directory / MANIFEST)
 
 
+# weights_sha256 of files this process hashed, by (path, size, mtime) of each: a search, its final run and the
+# scoring of its output open the same local base several times
+_WEIGHTS_DIGESTS: dict[tuple[tuple[str, int, int], ...], str] = {}
+
+
 def weights_sha256(files: list[Path]) -> str:
     """One SHA-256 over a checkpoint's weight files: each file's name and digest, in name order.
 
     What a compressed artifact records of a local base, to refuse rebuilding its tasks from another one.
     """
-    workers = max(1, min(HASH_THREADS, os.cpu_count() or 1, len(files)))
     ordered = sorted(files, key=lambda path: path.name)
-    with ThreadPoolExecutor(workers, thread_name_prefix="hubmerge-hash") as pool:
-        digests = list(pool.map(file_sha256, ordered))
-    lines = "".join(f"{path.name}\0{digest}\n" for path, digest in zip(ordered, digests, strict=True))
-    return hashlib.sha256(lines.encode()).hexdigest()
+    stats = [path.stat() for path in ordered]
+    identity = tuple(
+        (str(p.resolve()), st.st_size, st.st_mtime_ns) for p, st in zip(ordered, stats, strict=True)
+    )
+    if identity not in _WEIGHTS_DIGESTS:
+        workers = max(1, min(HASH_THREADS, os.cpu_count() or 1, len(files)))
+        with ThreadPoolExecutor(workers, thread_name_prefix="hubmerge-hash") as pool:
+            digests = list(pool.map(file_sha256, ordered))
+        lines = "".join(f"{path.name}\0{digest}\n" for path, digest in zip(ordered, digests, strict=True))
+        _WEIGHTS_DIGESTS[identity] = hashlib.sha256(lines.encode()).hexdigest()
+    return _WEIGHTS_DIGESTS[identity]

@@ -59,7 +59,7 @@ from hubmerge.recipe import ModelEntry, PushTarget, Recipe, is_hub_id
 from hubmerge.search import SearchResult, overlay_of, read_overlay, run_search
 from hubmerge.serving import TaskSwitcher
 from hubmerge.sources import Checkpoint
-from hubmerge.writer import copy_support_files, parse_shard_size
+from hubmerge.writer import DTYPE_NAMES, copy_support_files, parse_shard_size
 
 log = logging.getLogger("hubmerge")
 MERGED_FORMAT = "hubmerge-merged"
@@ -137,7 +137,7 @@ def run_record(
         "result": job.spec.result,
         "parameters": job.parameters,
         "dtype": job.recipe.dtype,
-        "base": base_record(job),
+        "base": base_record(job, parts if compressed else None),
         "base_card": job.base.card_metadata,
         "tasks": _task_records(job, engine, parts),
         "parameters_counted": job.d,
@@ -188,12 +188,17 @@ def artifact_storage(job: MergeJob, kept: list[int] | None, parts: list[dict[str
     )
 
 
-def base_record(job: MergeJob) -> dict[str, Any]:
-    """The base as the recipe gives it and where it resolved; a compressed artifact of a local base also
-    records the base's content hash, which rebuilding a task checks."""
+def base_record(job: MergeJob, parts: list[dict[str, Any]] | None) -> dict[str, Any]:
+    """The base as the recipe gives it and where it resolved. A compressed artifact also records the dtype and
+    shape of every base tensor its tasks use, and for a local base its content hash: rebuilding a task checks
+    them against the base it is given."""
     record: dict[str, Any] = job.base.provenance.as_dict()
-    if job.spec.result == "compressed" and not record["revision"]:
-        record["sha256"] = weights_sha256(job.base.weight_files)
+    if parts is not None:
+        used = sorted({*job.merge_keys, *(key for part in parts for key in part["from_base"])})
+        infos = job.base.infos
+        record["tensors"] = {k: [DTYPE_NAMES[infos[k].dtype], list(infos[k].shape)] for k in used}
+        if not record["revision"]:
+            record["sha256"] = weights_sha256(job.base.weight_files)
     return record
 
 

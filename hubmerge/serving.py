@@ -139,8 +139,9 @@ def _empty_open_clip(config_file: Path, dtype: torch.dtype, task: str) -> Any:
 def _placement(model: torch.nn.Module) -> Callable[[str], str | None]:
     """Maps a rebuilt tensor's key to the model's name for it, with the key renamings `from_pretrained`
     applies (transformers' conversion mapping of the model's classes, the base model prefix added or removed);
-    None where the model has no such tensor."""
-    names = model.state_dict()
+    None where the model has no such tensor. Buffers the model does not save (`non_persistent`) are names too:
+    older checkpoints hold some (`position_ids`), which loading skips."""
+    names = {**model.state_dict(), **dict.fromkeys(non_persistent(model))}
     if not hasattr(model, "config"):  # open_clip: checkpoints use the module names
         return lambda key: key if key in names else None
     from transformers.conversion_mapping import get_model_conversion_mapping
@@ -156,6 +157,11 @@ def _placement(model: torch.nn.Module) -> Callable[[str], str | None]:
         return renamed if renamed in names else None
 
     return place
+
+
+def non_persistent(model: torch.nn.Module) -> set[str]:
+    """Names of the model's buffers that are not part of its state dict."""
+    return {name for name, _ in model.named_buffers()} - set(model.state_dict())
 
 
 def _finish(model: torch.nn.Module, device: torch.device, task: str) -> torch.nn.Module:
@@ -186,7 +192,7 @@ def load_task_model(
     wanted = torch_dtype(dtype)
     reader = TaskReader(merge, task)
     model = _empty_model(merge.task_files(task), model_class, wanted or _default_dtype(reader.infos), task)
-    place = _placement(model)
+    place, skipped = _placement(model), non_persistent(model)
     for key, info in reader.infos.items():
         name = place(key)
         if name is None:
@@ -194,6 +200,8 @@ def load_task_model(
                 f"task {task!r}: tensor {key!r} has no place in {type(model).__name__} (built from the task's "
                 "config); pass model_class= for another class"
             )
+        if name in skipped:  # computed by the model itself, as from_pretrained leaves it
+            continue
         target = wanted if wanted is not None and info.is_float else info.dtype
         if device.type == "cpu":  # rebuilt straight into the parameter's own memory
             tensor = torch.empty(info.shape, dtype=target)
@@ -252,19 +260,23 @@ class TaskSwitcher:
         # merged tensors' dtypes as each task's model stores them (the fine-tune's, or the recipe's dtype)
         infos = {task: merge.task_infos(task) for task in self.tasks}
         self.stored = {task: {k: infos[task][k].dtype for k in self.keys} for task in self.tasks}
+        # a switchable model's other tensors that differ between tasks (heads, ...), per task
+        self.others: dict[str, dict[str, torch.Tensor]] = {task: {} for task in self.tasks}
 
     def resident_bytes(self) -> dict[str, int]:
-        """Bytes held per part: θ0, τ_MTL (or kept values), packed masks."""
+        """Bytes held per part: θ0, τ_MTL (or kept values), packed masks, the tasks' own tensors."""
 
         def size(tensors: Any) -> int:
             if isinstance(tensors, dict):
                 return sum(size(t) for t in tensors.values())
             return tensors.numel() * tensors.element_size()
 
+        shared = {t.data_ptr(): t for others in self.others.values() for t in others.values()}  # counted once
         return {
             "theta0": size(self.theta0),
             "tau_mtl" if self.shared_vector else "values": size(self.tau) + size(self.values),
             "masks": size(self.packed),
+            "own": size(shared),
         }
 
     def rebuild_into(self, task: str, key: str, out: torch.Tensor) -> None:
@@ -295,9 +307,17 @@ class TaskSwitcher:
 
 
 def _config_differences(configs: dict[str, Any]) -> dict[str, dict[str, Any]]:
-    """Per task, the config attributes whose values differ between tasks (label maps, problem type, ...)."""
-    names = {name for config in configs.values() for name in vars(config)}
-    varying = [n for n in sorted(names) if len({repr(getattr(c, n, None)) for c in configs.values()}) > 1]
+    """Per task, the top-level config values that differ between tasks (label maps, problem type, ...); not
+    private attributes (`_name_or_path`) nor sub-configs, which modules of the model hold on to."""
+    from transformers import PretrainedConfig
+
+    names = {name for config in configs.values() for name in vars(config) if not name.startswith("_")}
+    varying = [
+        n
+        for n in sorted(names)
+        if len({repr(getattr(c, n, None)) for c in configs.values()}) > 1
+        and not any(isinstance(getattr(c, n, None), PretrainedConfig) for c in configs.values())
+    ]
     return {task: {n: copy.deepcopy(getattr(c, n, None)) for n in varying} for task, c in configs.items()}
 
 
@@ -320,22 +340,46 @@ def switchable_model(
                 f"tasks {first!r} and {task!r} have different tensors ({differ[0]!r}); one switchable model "
                 "needs tasks of one architecture: load each with load_model"
             )
+    if model_class is None:
+        classes = {task: _architectures(merge, task) for task in tasks}
+        if len(set(classes.values())) > 1:
+            other = next(t for t in tasks if classes[t] != classes[first])
+            raise HubmergeError(
+                f"tasks {first!r} and {other!r} are different models ({classes[first]} and {classes[other]}); one "
+                "switchable model needs tasks of one class: load each with load_model"
+            )
+    if dtype is None:
+        for task in tasks[1:]:
+            differ = [k for k, i in keysets[task].items() if i.dtype != keysets[first][k].dtype]
+            if differ:
+                raise HubmergeError(
+                    f"tasks {first!r} and {task!r} store {differ[0]!r} as {keysets[first][differ[0]].dtype} and "
+                    f"{keysets[task][differ[0]].dtype}; pass dtype= to serve them in one"
+                )
     model = load_task_model(merge, first, device=device, dtype=dtype, model_class=model_class)
     place = _placement(model)
     params = model.state_dict(keep_vars=True)
     switcher = TaskSwitcher(merge, device)
-    # per task, the other tensors that are not the same in every task: its own ones, and the base's where
-    # another task has its own
+    # per task, the other tensors that are not the same in every task: its own ones, and the base's (one copy)
+    # where another task has its own
     own = {task: merge.private_tensors(task) for task in tasks}
-    varying = sorted({k for task in tasks for k in own[task]})
+    varying = sorted({k for task in tasks for k in own[task] if place(k) in params})
     base = merge.base
-    others: dict[str, dict[str, torch.Tensor]] = {task: {} for task in tasks}
+    from_base: dict[str, torch.Tensor] = {}
     for task in tasks:
         for key in varying:
-            tensor = own[task][key] if key in own[task] else base.read(key)
             stored = keysets[task][key].dtype
+            if key in own[task]:
+                tensor = own[task][key]
+            elif key in from_base:
+                switcher.others[task][key] = from_base[key]
+                continue
+            else:
+                tensor = base.read(key)
             target = params[place(key)].dtype if tensor.is_floating_point() else stored
-            others[task][key] = tensor.to(stored).to(device=device, dtype=target)
+            switcher.others[task][key] = tensor.to(stored).to(device=device, dtype=target)
+            if key not in own[task]:
+                from_base[key] = switcher.others[task][key]
     configs = _task_configs(merge, model, tasks)
     counting_labels = [m for m in model.modules() if "num_labels" in vars(m)]
 
@@ -345,7 +389,7 @@ def switchable_model(
             raise HubmergeError(f"unknown task {task!r}; this artifact has: {', '.join(tasks)}")
         for key in switcher.keys:
             switcher.rebuild_into(task, key, params[place(key)].data)
-        for key, tensor in others[task].items():
+        for key, tensor in switcher.others[task].items():
             parameter = params[place(key)]
             if parameter.shape == tensor.shape:
                 parameter.data.copy_(tensor)
@@ -364,6 +408,16 @@ def switchable_model(
     model.tasks = list(tasks)
     model.task_switcher = switcher
     return model
+
+
+def _architectures(merge: CompressedMerge, task: str) -> str:
+    """The model class a task's config names (open_clip: its config file)."""
+    import json
+
+    files = merge.task_files(task)
+    if "config.json" not in files:
+        return OPEN_CLIP_CONFIG if OPEN_CLIP_CONFIG in files else "?"
+    return ", ".join(json.loads(files["config.json"].read_text()).get("architectures") or ["?"])
 
 
 def _task_configs(merge: CompressedMerge, model: torch.nn.Module, tasks: list[str]) -> dict[str, dict] | None:

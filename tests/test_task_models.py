@@ -375,3 +375,75 @@ def test_a_tensor_the_base_lacks_is_the_tasks_own(models: Path, tmp_path: Path) 
     assert torch.equal(rebuilt["adapter.scale"], weights["adapter.scale"])
     with pytest.raises(HubmergeError, match=r"model 'mood' .* extra keys adapter\.scale"):
         run_recipe(parse_recipe({**data, "method": "task_arithmetic"}), output=tmp_path / "merged")
+
+
+def test_a_base_whose_tensors_differ_in_dtype_is_refused_without_a_content_hash(
+    artifact: Path, models: Path, tmp_path: Path
+) -> None:
+    copy = tmp_path / "artifact"
+    shutil.copytree(artifact, copy)
+    record = json.loads((copy / "hubmerge.json").read_text())
+    del record["base"]["sha256"]  # as for a Hub base: only the recorded dtypes and shapes can tell
+    (copy / "hubmerge.json").write_text(json.dumps(record))
+    half = tmp_path / "half"
+    shutil.copytree(models / "base", half)
+    weights = load_file(half / "model.safetensors")
+    from safetensors.torch import save_file
+
+    save_file(
+        {k: v.half() for k, v in weights.items()}, half / "model.safetensors", metadata={"format": "pt"}
+    )
+    with pytest.raises(
+        HubmergeError, match=r"half: tensor '.*' is torch.float16, this artifact's base stores it as F32"
+    ):
+        CompressedMerge.from_pretrained(copy).load_model("topic", base=half)
+
+
+def test_switchable_refuses_tasks_of_other_classes_or_dtypes(models: Path, tmp_path: Path) -> None:
+    from transformers import BertForMultipleChoice
+
+    torch.manual_seed(5)
+    choice = BertForMultipleChoice(bert_config())
+    choice.bert.load_state_dict(
+        BertForSequenceClassification.from_pretrained(models / "base").bert.state_dict()
+    )
+    perturb_(choice, 0.02, keep=0.5)
+    choice.save_pretrained(tmp_path / "choice")
+    data = recipe(models)
+    data["models"] = [data["models"][0], {"source": str(tmp_path / "choice"), "name": "choice"}]
+    run_recipe(parse_recipe(data), output=tmp_path / "mixed")
+    merge = CompressedMerge.from_pretrained(tmp_path / "mixed")
+    assert isinstance(merge.load_model("choice"), BertForMultipleChoice)
+    with pytest.raises(
+        HubmergeError, match=r"different models .*BertForMultipleChoice.*load each with load_model"
+    ):
+        merge.switchable()
+
+    BertForSequenceClassification.from_pretrained(models / "mood", dtype=torch.bfloat16).save_pretrained(
+        tmp_path / "mood16"
+    )
+    data["models"] = [recipe(models)["models"][0], {"source": str(tmp_path / "mood16"), "name": "mood"}]
+    run_recipe(parse_recipe(data), output=tmp_path / "dtypes")
+    merge = CompressedMerge.from_pretrained(tmp_path / "dtypes")
+    with pytest.raises(HubmergeError, match=r"store '.*' as torch.float32 and torch.bfloat16; pass dtype="):
+        merge.switchable()
+    served = merge.switchable(dtype=torch.float32)
+    served.set_task("mood")
+    loaded = merge.load_model("mood", dtype=torch.float32)
+    assert all(torch.equal(served.state_dict()[k], v) for k, v in loaded.state_dict().items())
+
+
+def test_a_stored_buffer_the_model_does_not_save_is_left_to_the_model(models: Path, tmp_path: Path) -> None:
+    from safetensors.torch import save_file
+
+    old = tmp_path / "old"
+    shutil.copytree(models / "mood", old)
+    weights = load_file(old / "model.safetensors")
+    weights["bert.embeddings.position_ids"] = torch.arange(512).unsqueeze(0)  # as older checkpoints stored it
+    save_file(weights, old / "model.safetensors", metadata={"format": "pt"})
+    data = recipe(models)
+    data["models"][1]["source"] = str(old)
+    run_recipe(parse_recipe(data), output=tmp_path / "out")
+    merge = CompressedMerge.from_pretrained(tmp_path / "out")
+    reference = AutoModelForSequenceClassification.from_pretrained(merge.save_task("mood", tmp_path / "mood"))
+    assert torch.equal(logits(merge.load_model("mood")), logits(reference))

@@ -328,6 +328,11 @@ def rebuild_into(
         return False
     if packed.device.type != "cpu" or not packed.is_contiguous():
         return False
+    n = base.numel()
+    if tau.numel() != n or out.numel() != n or packed.numel() < (n + 7) // 8:  # the kernel trusts the sizes
+        raise ValueError(
+            f"rebuild_into: θ0 has {n} entries, τ {tau.numel()}, out {out.numel()}, the mask {packed.numel()} bytes"
+        )
     args = (
         base.data_ptr(),
         DTYPE_CODES[base.dtype],
