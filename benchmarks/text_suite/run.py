@@ -8,7 +8,10 @@ has an `evaluation:` section (the frozen label-name head, each task's own val/te
 fine-tuning max length) and, where the method has one, a `search:` section (chosen on validation, reported on
 test). A method whose output exists and whose recipe is unchanged is not run again, so `--no-run` or a rerun
 after an interruption only renders what is there. `--write-docs` replaces the suite's section of
-`docs/benchmarks.md` (between `<!-- text_suite: begin -->` and `<!-- text_suite: end -->`).
+`docs/benchmarks.md` (between `<!-- text_suite: begin -->` and `<!-- text_suite: end -->`);
+`--write-bf16-docs` replaces only the τ_MTL-in-bfloat16 subsection (between `<!-- text_suite_bf16: begin -->`
+and `<!-- text_suite_bf16: end -->`: the four TALL rows, float32 and bfloat16 τ_MTL, with their storage) and
+draws its storage-vs-accuracy plot.
 """
 
 from __future__ import annotations
@@ -37,7 +40,9 @@ from benchmarks.synthetic import DOCS, cpu_model, write_docs  # noqa: E402
 from benchmarks.text_suite.finetune import CACHE, configure_torch  # noqa: E402
 
 BEGIN, END = "<!-- text_suite: begin -->", "<!-- text_suite: end -->"
+BF16_BEGIN, BF16_END = "<!-- text_suite_bf16: begin -->", "<!-- text_suite_bf16: end -->"
 AGREEMENT_PNG = "text_suite_mask_agreement.png"
+STORAGE_PNG = "text_suite_storage_accuracy.png"
 # The paper's grids (also hubmerge's defaults); the command line can shrink them when time is short.
 PAPER_SCALING = [round(0.1 * i, 1) for i in range(1, 11)]
 PAPER_K = [1, 2, 3]
@@ -53,6 +58,9 @@ class Method:
     method: str
     parameters: dict[str, Any] = field(default_factory=dict)
     searches: tuple[str, ...] = ()  # search grids it uses: scaling, k, lambda
+    # Compressed outputs only: the recipe's `tau_dtype` (τ_MTL as stored). None leaves the key out of the
+    # recipe (hubmerge's default, float32), so the float32 rows' recipes and cached outputs stay as they were.
+    tau_dtype: str | None = None
 
 
 METHODS = (
@@ -73,7 +81,25 @@ METHODS = (
     Method("magnitude_masking", "magnitude masking", "magnitude_masking", {"density": 0.1}),
     Method("tall_ta", "TALL masks + TA", "tall_masks", {"merge": "task_arithmetic"}, ("lambda",)),
     Method("tall_ties", "TALL masks + TIES", "tall_masks", {"merge": "ties"}, ("lambda",)),
+    Method(
+        "tall_ta_bf16",
+        "TALL masks + TA, bf16 τ_MTL",
+        "tall_masks",
+        {"merge": "task_arithmetic"},
+        ("lambda",),
+        tau_dtype="bfloat16",
+    ),
+    Method(
+        "tall_ties_bf16",
+        "TALL masks + TIES, bf16 τ_MTL",
+        "tall_masks",
+        {"merge": "ties"},
+        ("lambda",),
+        tau_dtype="bfloat16",
+    ),
 )
+# The rows of the τ_MTL-in-bfloat16 subsection, each float32 row next to its bfloat16 twin.
+TAU_DTYPE_ROWS = ("tall_ta", "tall_ta_bf16", "tall_ties", "tall_ties_bf16")
 MERGED = {"weight_average", "task_arithmetic", "ties", "consensus"}  # one model, no per-task artifact
 
 
@@ -131,6 +157,7 @@ def recipe_for(
         "method": method.method,
         "parameters": dict(method.parameters),
         "dtype": "auto",
+        **({"tau_dtype": method.tau_dtype} if method.tau_dtype else {}),
         "output": rel(output, root),
         "evaluation": {
             "head": "zero_shot_text",
@@ -167,6 +194,8 @@ def chosen_setting(record: Mapping[str, Any], method: Method) -> str:
     """The values a run used, as the report shows them: searched ones from the search, others as set."""
     chosen = record.get("search", {}).get("chosen", {})
     parts = [f"{k} = {v}" for k, v in method.parameters.items() if k not in chosen]
+    if method.tau_dtype:
+        parts.append(f"τ_MTL {method.tau_dtype}")
     for name, value in chosen.items():
         if isinstance(value, dict):
             value = ", ".join(f"{task} {lam}" for task, lam in value.items())
@@ -331,7 +360,9 @@ def render_section(
             f"P′ = {d:,} merged entries, T = {len(tasks)}: T fine-tuned fp32 copies take {32 * len(tasks) * d:,} "
             "bits. Merged models store 32·P′; TALL masks 32·P′ + T·P′ (τ_MTL and one bit per entry and task; "
             "the paper's figure also counts θ0: (64 + T)·P′); magnitude masking the same; magnitude pruning "
-            "T·P′ + 32 · (kept values). *run s* is the wall time of the whole `hubmerge` run (torch threads): search on "
+            "T·P′ + 32 · (kept values)"
+            + ("; with a bfloat16 τ_MTL, 16·P′ + T·P′" if any(m.tau_dtype for m in done) else "")
+            + ". *run s* is the wall time of the whole `hubmerge` run (torch threads): search on "
             "validation, merge, and the test evaluation of zero-shot, fine-tuned and merged encoders.",
         ]
 
@@ -361,6 +392,353 @@ def render_section(
     return "\n".join(lines) + "\n"
 
 
+def bits_per_task(record: Mapping[str, Any]) -> float:
+    """Stored bits of one output divided by T (a merged model serves all T tasks from its one copy)."""
+    stored, _, _ = storage_bits(record)
+    return record.get("storage", {}).get("artifact_bits_per_task", stored / len(record["tasks"]))
+
+
+@dataclass(frozen=True)
+class ReferenceRow:
+    """One method of a rendered text-suite section: normalized test mean (fraction) and stored bits per task."""
+
+    label: str
+    normalized: float
+    bits_per_task: float
+
+
+@dataclass(frozen=True)
+class Reference:
+    """What the rendered text-suite section of the docs reports (an earlier run, possibly on other fine-tunes)."""
+
+    date: str
+    tasks: list[str]
+    rows: list[ReferenceRow]
+    finetuned_accuracy: dict[str, float]
+
+
+def reference_from_docs(text: str) -> Reference | None:
+    """Read the rows of the text-suite section (``BEGIN``…``END``) of the docs; None when it has none.
+
+    The section's outputs may be gone from this machine, so its numbers are read back from its tables: the
+    accuracy table (method | tasks … | mean | normalized) and the storage table (… | stored bits | …).
+    """
+    if BEGIN not in text or END not in text:
+        return None
+    section = text.partition(BEGIN)[2].partition(END)[0]
+    date, tasks = "", []
+    normalized: dict[str, float] = {}
+    stored: dict[str, int] = {}
+    finetuned: dict[str, float] = {}
+    header: list[str] = []
+    for line in section.splitlines():
+        if line.startswith("- date: ") and not date:
+            date = line.removeprefix("- date: ").strip()
+        if not line.startswith("|"):
+            header = []
+            continue
+        cells = [cell.strip() for cell in line.strip().strip("|").split("|")]
+        if not header:
+            header = cells
+            if header[-1] == "normalized":
+                tasks = header[1:-2]
+            continue
+        if set(line.strip()) <= {"|", "-"}:
+            continue
+        row = dict(zip(header, cells, strict=False))
+        label = cells[0]
+        if row.get("normalized", "—") != "—":
+            normalized[label] = float(row["normalized"]) / 100
+            if label == "fine-tuned":
+                finetuned = {t: float(row[t]) / 100 for t in tasks}
+        if row.get("stored bits", "—") != "—":
+            stored[label] = int(row["stored bits"].replace(",", ""))
+    if not tasks or not stored:
+        return None
+    rows = [
+        ReferenceRow(label, normalized[label], bits / len(tasks))
+        for label, bits in stored.items()
+        if label in normalized
+    ]
+    return Reference(date, tasks, rows, finetuned)
+
+
+def finetunes_match(record: Mapping[str, Any], reference: Reference | None) -> bool | None:
+    """Whether a run's fine-tuned test accuracies equal the docs table's, task by task, to its 0.1 % rounding
+    (None: no reference, or no task in common)."""
+    if reference is None or not reference.finetuned_accuracy:
+        return None
+    now = record["evaluation"]["rows"]["fine-tuned"]["accuracy"]
+    common = [t for t in now if t in reference.finetuned_accuracy]
+    if not common:
+        return None
+    return all(abs(now[t] - reference.finetuned_accuracy[t]) < 5e-4 for t in common)
+
+
+def render_bf16_section(
+    records: Mapping[str, Mapping[str, Any]],
+    timings: Mapping[str, Mapping[str, Any]],
+    context: Mapping[str, Any],
+    reference: Reference | None = None,
+) -> str:
+    """The τ_MTL-in-bfloat16 subsection: the TALL rows with float32 and bfloat16 τ_MTL side by side.
+
+    ``records`` maps method keys to their ``hubmerge.json`` (only ``TAU_DTYPE_ROWS`` are shown);
+    ``timings`` the runner's ``<key>.run.json``; ``context`` gives ``date``, ``machine``, ``commands`` (a list)
+    and optionally ``plot`` (the PNG's file name, linked when given). ``reference`` is the main section's
+    table as read from the docs, for comparing the fine-tuned row.
+    """
+    methods = {m.key: m for m in METHODS}
+    done = [methods[key] for key in TAU_DTYPE_ROWS if key in records]
+    missing = [methods[key] for key in TAU_DTYPE_ROWS if key not in records]
+    lines = ["### τ_MTL in bfloat16: TALL masks, storage vs. accuracy", ""]
+    if not done:
+        return "\n".join([*lines, "Not run yet.", ""])
+    if missing:
+        lines += [f"**Partial run**: not run: {', '.join(m.label for m in missing)}.", ""]
+    first = records[done[0].key]
+    tasks = [t["name"] for t in first["tasks"]]
+    T = len(tasks)
+    finetuned_row = first["evaluation"]["rows"]["fine-tuned"]
+    rows: dict[str, tuple[str, Mapping[str, Any]]] = {
+        "zero-shot": ("—", first["evaluation"]["rows"]["zero-shot"])
+    }
+    for method in done:
+        rows[method.label] = (
+            method.tau_dtype or "float32",
+            records[method.key]["evaluation"]["rows"][method.method],
+        )
+    rows["fine-tuned"] = ("—", finetuned_row)
+    lines += [f"- date: {context['date']}", f"- machine: {context['machine']}", "- commands:", "", "```"]
+    lines += list(context["commands"])
+    lines += [
+        "```",
+        "",
+        "`tau_dtype: bfloat16` in the recipe stores τ_MTL in bfloat16, 16 bits per merged entry instead of 32; "
+        "the masks are unchanged (one bit per entry and task) and θ0 is referenced, not stored. Everything "
+        "else is the TALL setting of the table above (λ per task chosen on validation from the same grid, "
+        "reported on test). All rows of this subsection, the fine-tuned and zero-shot rows included, come from "
+        "the runs listed here, on the same fine-tunes, so the normalized accuracies compare among themselves"
+        + {
+            None: ".",
+            True: "; this run's fine-tuned row equals the table above's task by task.",
+            False: "; the table above was measured on other fine-tunes (see below).",
+        }[finetunes_match(first, reference)],
+        "",
+        "Test accuracy (%), normalized = accuracy / fine-tuned accuracy (this run), averaged over tasks:",
+        "",
+        "| method | τ_MTL | " + " | ".join(tasks) + " | mean | normalized |",
+        "|---|---|" + "---|" * (T + 2),
+    ]
+    for label, (dtype, row) in rows.items():
+        cells = [percent(row["accuracy"][t]) for t in tasks]
+        lines.append(
+            f"| {label} | {dtype} | {' | '.join(cells)} | {percent(row['mean_accuracy'])} | "
+            f"{percent(row['mean_normalized'])} |"
+        )
+    lines += [
+        "",
+        "Chosen λ (per task, in the column order above), storage and run time:",
+        "",
+        "| method | τ_MTL | λ per task | stored bits | stored bits per task | vs. T fine-tuned fp32 | run s |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for method in done:
+        record = records[method.key]
+        stored, _, copies = storage_bits(record)
+        chosen = record.get("search", {}).get("chosen", {}).get("lambda", {})
+        lambdas = ", ".join(f"{chosen[t]:g}" for t in tasks if t in chosen) or "—"
+        timing = timings.get(method.key)
+        seconds = f"{timing['seconds']:.0f} ({timing['threads']} thr.)" if timing else "—"
+        lines.append(
+            f"| {method.label} | {method.tau_dtype or 'float32'} | {lambdas} | {stored:,} | "
+            f"{bits_per_task(record):,.0f} | {stored / copies:.3f}× | {seconds} |"
+        )
+    storage = first.get("storage", {})
+    d = first["parameters_counted"]
+    copies = storage.get("finetuned_fp32_bits", 32 * T * d)
+    lines += [
+        "",
+        f"P′ = {d:,} merged entries, T = {T}: T fine-tuned fp32 copies take {copies:,} bits ({copies / T:,.0f} per "
+        "task). TALL stores b·P′ + T·P′ bits, b = 32 (float32 τ_MTL) or 16 (bfloat16): "
+        f"{(32 + T) * d / T:,.0f} or {(16 + T) * d / T:,.0f} bits per task here. *run s*: wall time of the "
+        "whole `hubmerge` run (λ search on validation, merge, test evaluation).",
+    ]
+    findings = []
+    for fp32_key, bf16_key in (("tall_ta", "tall_ta_bf16"), ("tall_ties", "tall_ties_bf16")):
+        if fp32_key not in records or bf16_key not in records:
+            continue
+        a, b = records[fp32_key], records[bf16_key]
+        row_a = a["evaluation"]["rows"]["tall_masks"]
+        row_b = b["evaluation"]["rows"]["tall_masks"]
+        diffs = {t: row_b["accuracy"][t] - row_a["accuracy"][t] for t in tasks}
+        worst = min(diffs, key=diffs.get)
+        lam_a = a.get("search", {}).get("chosen", {}).get("lambda", {})
+        lam_b = b.get("search", {}).get("chosen", {}).get("lambda", {})
+        moved = [t for t in tasks if lam_a.get(t) != lam_b.get(t)]
+        findings.append(
+            f"- {methods[fp32_key].label}: bfloat16 − float32 τ_MTL = "
+            f"{100 * (row_b['mean_normalized'] - row_a['mean_normalized']):+.2f} points of normalized mean "
+            f"({100 * (row_b['mean_accuracy'] - row_a['mean_accuracy']):+.2f} of mean accuracy; largest task "
+            f"change {100 * diffs[worst]:+.1f} on {worst}); stored bits per task "
+            f"{bits_per_task(b) / bits_per_task(a):.3f}× the float32 row's; chosen λ "
+            + (f"differs on {', '.join(moved)}" if moved else "identical on every task")
+            + "."
+        )
+    if findings:
+        lines += ["", "Float32 vs. bfloat16 τ_MTL (test):", "", *findings]
+    if reference is not None and reference.finetuned_accuracy:
+        now = finetuned_row["accuracy"]
+        common = [t for t in tasks if t in reference.finetuned_accuracy]
+        if common:
+            deltas = {t: now[t] - reference.finetuned_accuracy[t] for t in common}
+            largest = max(deltas, key=lambda t: abs(deltas[t]))
+            ref_mean = sum(reference.finetuned_accuracy[t] for t in common) / len(common)
+            now_mean = sum(now[t] for t in common) / len(common)
+            lines += [
+                "",
+                f"Fine-tunes: this run's fine-tuned mean test accuracy is {percent(now_mean)} % against "
+                f"{percent(ref_mean)} % in the table above ({reference.date}); the largest task difference is "
+                f"{100 * deltas[largest]:+.1f} points ({largest}). "
+                + (
+                    "Identical per task."
+                    if finetunes_match(first, reference)
+                    else "The fine-tunes differ, so compare rows within one table, not across the two."
+                ),
+            ]
+    if context.get("plot"):
+        ref_note = (
+            f"; grey: the rows of the table above ({reference.date}"
+            + ("" if finetunes_match(first, reference) else ", other fine-tunes, normalized by their own")
+            + ")"
+            if reference is not None
+            else ""
+        )
+        lines += [
+            "",
+            f"![normalized accuracy vs. stored bits per task]({context['plot']}): normalized test accuracy "
+            f"against stored bits per task (log scale); coloured: this subsection's rows and the fine-tuned "
+            f"models (T fp32 copies){ref_note}. A merged model stores one copy for all T tasks, 32·P′/T per task.",
+        ]
+    return "\n".join(lines) + "\n"
+
+
+def plot_storage_accuracy(
+    records: Mapping[str, Mapping[str, Any]], reference: Reference | None, path: Path
+) -> None:
+    """Normalized test accuracy against stored bits per task: this run's TALL rows (float32 / bfloat16 τ_MTL)
+    and fine-tuned copies, plus the docs table's rows (``reference``) in grey."""
+    import matplotlib
+
+    matplotlib.use("Agg")  # no display; must precede pyplot
+    from matplotlib import pyplot as plt
+    from matplotlib.ticker import FuncFormatter, NullFormatter
+
+    methods = {m.key: m for m in METHODS}
+    # (x, y %, label, colour, font size, left): this run's labels go left of their points (the docs table's
+    # TALL rows share their x), the table's go right unless another point sits there
+    labelled: list[tuple[float, float, str, str, float, bool | None]] = []
+    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    if reference is not None:
+        shown = [r for r in reference.rows if r.label not in ("fine-tuned", "zero-shot")]
+        first = next((records[key] for key in TAU_DTYPE_ROWS if key in records), None)
+        other = "" if first is not None and finetunes_match(first, reference) else ", other fine-tunes"
+        ax.scatter(
+            [r.bits_per_task for r in shown],
+            [100 * r.normalized for r in shown],
+            marker="x",
+            color="0.55",
+            label=f"table above ({reference.date.split()[0]}{other}), float32",
+        )
+        labelled += [(r.bits_per_task, 100 * r.normalized, r.label, "0.4", 6, None) for r in shown]
+    styles = {"float32": ("o", "tab:blue"), "bfloat16": ("^", "tab:orange")}
+    finetuned_bits = None
+    for key in TAU_DTYPE_ROWS:
+        if key not in records:
+            continue
+        record, method = records[key], methods[key]
+        dtype = method.tau_dtype or "float32"
+        marker, color = styles[dtype]
+        x = bits_per_task(record)
+        y = 100 * record["evaluation"]["rows"]["tall_masks"]["mean_normalized"]
+        label = f"TALL masks, {dtype} τ_MTL (this run)"
+        known = ax.get_legend_handles_labels()[1]
+        ax.scatter(
+            [x], [y], marker=marker, color=color, s=40, zorder=3, label=None if label in known else label
+        )
+        merge = "TA" if method.parameters.get("merge") == "task_arithmetic" else "TIES"
+        labelled.append((x, y, f"TALL + {merge}", color, 7, True))
+        storage = record.get("storage", {})
+        if "finetuned_fp32_bits" in storage:
+            finetuned_bits = storage["finetuned_fp32_bits"] / len(record["tasks"])
+    if finetuned_bits is not None:
+        ax.scatter(
+            [finetuned_bits],
+            [100.0],
+            marker="*",
+            color="tab:green",
+            s=90,
+            zorder=3,
+            label="fine-tuned: one fp32 copy per task (this run)",
+        )
+    xs = [x for x, *_ in labelled] + ([finetuned_bits] if finetuned_bits else [])
+    ys = [y for _, y, *_ in labelled] + [100.0]
+    ax.set_xscale("log")
+    ax.set_xlim(min(xs) / 1.6, max(xs) * 1.35)
+    low, high = min(ys) - 3, max(ys) + 2
+    ax.set_ylim(low, high)
+    # Labels of one side and column are spread vertically around their points so that they do not overlap.
+    gap = 0.035 * (high - low)
+    sides: dict[tuple[float, bool], list[tuple[float, str, str, float]]] = {}
+    for x, y, text, color, size, left in labelled:
+        if left is None:  # right of its point unless another point lies within the label's reach there
+            left = any(x < x2 <= 1.3 * x and abs(y2 - y) < 2.5 for x2, y2, *_ in labelled)
+        sides.setdefault((x, left), []).append((y, text, color, size))
+    for (x, left), group in sides.items():
+        group.sort()
+        placed: list[float] = []
+        for y, *_ in group:
+            placed.append(max(y, placed[-1] + gap) if placed else y)
+        shift = (sum(placed) - sum(y for y, *_ in group)) / len(group)  # centre the spread on the points
+        for (y, text, color, size), at in zip(group, placed, strict=True):
+            at -= shift
+            ax.annotate(
+                text,
+                (x, y),
+                xytext=(x / 1.04 if left else x * 1.04, at),
+                textcoords="data",
+                ha="right" if left else "left",
+                va="center",
+                fontsize=size,
+                color=color,
+            )
+    ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v / 1e6:g} M"))
+    ax.xaxis.set_minor_formatter(NullFormatter())
+    ax.set_xticks([t for t in (2.5e7, 5e7, 1e8, 2e8, 5e8, 1e9, 2e9) if min(xs) / 1.6 <= t <= max(xs) * 1.35])
+    ax.set_xlabel("stored bits per task (log scale; θ0 referenced, not counted)")
+    ax.set_ylabel("normalized test accuracy (%)")
+    ax.set_title("8-task text suite: storage vs. accuracy", fontsize=10)
+    ax.grid(True, which="major", alpha=0.3)
+    ax.legend(fontsize=7, loc="lower right")
+    fig.tight_layout()
+    fig.savefig(path, format="png", dpi=110, metadata={"Software": None})
+    plt.close(fig)
+
+
+def write_bf16_docs(section: str, docs: Path = DOCS) -> None:
+    """Write the τ_MTL-in-bfloat16 subsection between its markers; the first time, place them after the
+    suite's section and the notes that follow it (before the next generated section), else at the end."""
+    text = docs.read_text() if docs.is_file() else ""
+    if BF16_BEGIN not in text and END in text:
+        head, _, rest = text.partition(END)
+        cut = rest.find("\n<!-- ")
+        cut = len(rest) if cut < 0 else cut + 1
+        notes = rest[:cut].rstrip("\n")
+        text = f"{head}{END}{notes}\n\n{BF16_BEGIN}\n{BF16_END}\n" + (f"\n{rest[cut:]}" if rest[cut:] else "")
+        docs.write_text(text)
+    write_docs(section, BF16_BEGIN, BF16_END, docs)
+
+
 def machine() -> str:
     """CPU model and core count, for the report (wall times depend on what else runs)."""
     nproc = subprocess.run(["nproc"], capture_output=True, text=True, check=True).stdout.strip()
@@ -384,7 +762,15 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--threads", type=int, default=2, help="torch threads (2 runs at a time: 1 each)")
     parser.add_argument("--no-run", action="store_true", help="only report the outputs that exist")
     parser.add_argument("--write-docs", action="store_true", help=f"replace the suite's section of {DOCS}")
+    parser.add_argument(
+        "--write-bf16-docs",
+        action="store_true",
+        help=f"replace only the τ_MTL-in-bfloat16 subsection of {DOCS} and draw its plot (docs/{STORAGE_PNG})",
+    )
     args = parser.parse_args(argv)
+    command = ".venv/bin/python benchmarks/text_suite/run.py" + "".join(
+        f" {a}" for a in (sys.argv[1:] if argv is None else argv)
+    )
 
     os.chdir(ROOT)  # recipe paths are relative to the repository root
     configure_torch(args.threads)  # hubmerge leaves torch's defaults; denormal flushing matters on this CPU
@@ -418,6 +804,8 @@ def main(argv: list[str] | None = None) -> None:
                 "seconds": round(time.perf_counter() - started, 1),
                 "threads": args.threads,
                 "load_at_start": round(load, 2),
+                "finished": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+                "command": command,
             }
             run_path.write_text(json.dumps(run, indent=2) + "\n")
             current = True
@@ -436,8 +824,7 @@ def main(argv: list[str] | None = None) -> None:
     context = {
         "date": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
         "machine": machine(),
-        "command": ".venv/bin/python benchmarks/text_suite/finetune.py && "
-        ".venv/bin/python benchmarks/text_suite/run.py" + "".join(f" {a}" for a in (argv or sys.argv[1:])),
+        "command": f".venv/bin/python benchmarks/text_suite/finetune.py && {command}",
         "grids": "The paper's grids are α ∈ {0.1, …, 1.0}, k ∈ {1, 2, 3}, λ ∈ {0.2, …, 0.6}; the grids each "
         "run searched are listed with its chosen values (marked where smaller, to fit the time on this machine).",
     }
@@ -448,6 +835,33 @@ def main(argv: list[str] | None = None) -> None:
         if "tall_ta" in records:
             shutil.copyfile(out_dir / "tall_ta" / "mask_agreement.png", DOCS.parent / AGREEMENT_PNG)
         print(f"wrote {DOCS}")
+    if any(key in records for key in TAU_DTYPE_ROWS):
+        reference = reference_from_docs(DOCS.read_text()) if DOCS.is_file() else None
+        runs = [timings[key] for key in TAU_DTYPE_ROWS if key in records and key in timings]
+        finished = sorted(run["finished"] for run in runs if "finished" in run)
+        bf16_context = {
+            "date": (f"rows measured {finished[0]} – {finished[-1]}; " if finished else "")
+            + f"rendered {context['date']}",
+            "machine": context["machine"],
+            "commands": list(
+                dict.fromkeys(
+                    [
+                        "benchmarks/text_suite/setup.sh",
+                        ".venv/bin/python benchmarks/text_suite/tasks.py",
+                        ".venv/bin/python benchmarks/text_suite/finetune.py",
+                        *(run["command"] for run in runs if "command" in run),
+                        command,
+                    ]
+                )
+            ),
+            "plot": STORAGE_PNG if args.write_bf16_docs else None,
+        }
+        bf16_section = render_bf16_section(records, timings, bf16_context, reference)
+        print(bf16_section)
+        if args.write_bf16_docs:
+            plot_storage_accuracy(records, reference, DOCS.parent / STORAGE_PNG)
+            write_bf16_docs(bf16_section)
+            print(f"wrote the τ_MTL-in-bfloat16 subsection of {DOCS} and {DOCS.parent / STORAGE_PNG}")
 
 
 if __name__ == "__main__":
