@@ -210,7 +210,7 @@ def storage_summary(
     num_tasks: int,
     *,
     base_bits: float,
-    vector_bits: int,
+    vector_dtype: str,
     kept_values: int | None,
     private_entries: int,
     private_bytes: int,
@@ -223,17 +223,19 @@ def storage_summary(
         d: P′, the merged entries.
         num_tasks: T.
         base_bits: bits per merged entry of the base as stored.
-        vector_bits: bits per entry of τ_MTL (or of the kept values) as stored.
+        vector_dtype: the dtype τ_MTL (or the kept values) is stored in.
         kept_values: magnitude pruning's kept entries over all tasks; None for a shared τ_MTL.
         private_entries, private_bytes: the tasks' own tensors (heads, ...) over all tasks, F in the paper.
         shared_entries: the base's other entries the tasks use unchanged (stored once, in the base).
         finetuned_bytes: the T fine-tuned checkpoints as stored.
     """
+    vector_bits = 8 * OUTPUT_DTYPES[vector_dtype].itemsize
     vector = vector_bits * (d if kept_values is None else kept_values)
     artifact = vector + d * num_tasks + 8 * private_bytes
     return {
         "parameters": d,
         "tasks": num_tasks,
+        "vector_dtype": vector_dtype,
         "vector_bits_per_entry": vector_bits,
         "private_entries": private_entries,
         "private_bits": 8 * private_bytes,

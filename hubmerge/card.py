@@ -148,15 +148,14 @@ def histogram_rows(record: dict[str, Any]) -> list[tuple[int, int, str, int]]:
     return [(c, n, _share(n, total), active[c]) for c, n in enumerate(hist)]
 
 
-DTYPE_OF_BITS = {32: "fp32", 16: "16-bit"}
+SHORT_DTYPES = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}
 
 
 def storage_rows(storage: dict[str, Any]) -> list[tuple[str, int, str]]:
     """(what, bits, ratio to T fp32 fine-tuned copies) rows of the storage table, parts first."""
     reference = storage["finetuned_fp32_bits"]
     d, t = storage["parameters"], storage["tasks"]
-    vector_bits = storage.get("vector_bits_per_entry", 32)
-    width = DTYPE_OF_BITS.get(vector_bits, f"{vector_bits}-bit")
+    width = SHORT_DTYPES[storage.get("vector_dtype", "float32")]
     rows = []
     if "private_bits" in storage:
         vector = storage["artifact_bits"] - d * t - storage["private_bits"]

@@ -179,7 +179,7 @@ def artifact_storage(job: MergeJob, kept: list[int] | None, parts: list[dict[str
         job.d,
         len(job.models),
         base_bits=8 * sum(base[k].nbytes for k in job.merge_keys) / max(job.d, 1),
-        vector_bits=8 * job.vector_dtype.itemsize,
+        vector_dtype=job.recipe.tau_dtype or "float32",
         kept_values=None if kept is None else sum(kept),
         private_entries=sum(p["entries"] for p in own),
         private_bytes=sum(p["bytes"] for p in own),
