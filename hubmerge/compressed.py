@@ -22,7 +22,6 @@ from huggingface_hub import ModelHubMixin
 from huggingface_hub import constants as hf_constants
 from safetensors import safe_open
 
-from hubmerge import fused
 from hubmerge.artifacts import (
     FORMAT,
     FORMAT_VERSION,
@@ -33,11 +32,8 @@ from hubmerge.artifacts import (
     VALUE_DIR,
     VECTOR_STEM,
     output_dtype,
-    rebuild,
-    rebuild_sparse,
     unpack_bits,
 )
-from hubmerge.engine import first_entry, row_blocks
 from hubmerge.errors import HubmergeError
 from hubmerge.integrity import record_hashes, verify_files, weights_sha256
 from hubmerge.output import MANIFEST, atomic_directory, read_manifest
@@ -50,6 +46,7 @@ from hubmerge.sources import (
     resolve_source,
     support_files,
 )
+from hubmerge.task_reader import TaskReader
 from hubmerge.writer import ShardedFiles, Slot, parse_shard_size
 
 # What an artifact consists of; exported task subfolders and anything else in the repo are not downloaded.
@@ -66,16 +63,6 @@ ARTIFACT_PATTERNS = [
     f"{TASK_FILES_DIR}/*",
 ]
 READABLE_VERSIONS = (1, FORMAT_VERSION)
-# Entries of θ0 and τ_MTL read at once when a task is rebuilt into a model's memory (row blocks, as the engine
-# reads its pieces: whole tensors freed one after another fragmented the heap by ~250 MiB on a 1 GB model)
-READ_BLOCK_ENTRIES = 1 << 20
-
-
-def read_all(path: Path) -> dict[str, torch.Tensor]:
-    """Every tensor of a safetensors file, read into memory (positioned reads: the tensors do not keep the
-    file mapped, so what is kept resident is really in memory)."""
-    reader = SafetensorsReader(path)
-    return {key: reader.read(key) for key in reader.infos}
 
 
 class CompressedMerge(
@@ -321,7 +308,7 @@ class CompressedMerge(
 
     def packed_masks(self, task: str) -> dict[str, torch.Tensor]:
         """The task's mask as stored: per merged tensor, uint8 with 8 entries per byte (`pack_bits`)."""
-        return read_all(self._task_file(MASK_DIR, task))
+        return SafetensorsReader(self._task_file(MASK_DIR, task)).read_all()
 
     def _vector_file_of(self) -> dict[str, Path]:
         index = self.directory / f"{VECTOR_STEM}.safetensors.index.json"
@@ -352,7 +339,7 @@ class CompressedMerge(
 
     def values(self, task: str) -> dict[str, torch.Tensor]:
         """Magnitude pruning: the task's kept τ values per merged tensor, in the mask's row-major order."""
-        return read_all(self._task_file(VALUE_DIR, task))
+        return SafetensorsReader(self._task_file(VALUE_DIR, task)).read_all()
 
     def _private_file(self, task: str) -> Path | None:
         private = self.task_record(task).get("private")
@@ -361,7 +348,7 @@ class CompressedMerge(
     def private_tensors(self, task: str) -> dict[str, torch.Tensor]:
         """The task's own tensors (heads, tensors the recipe excluded that its training changed), as stored."""
         path = self._private_file(task)
-        return {} if path is None else read_all(path)
+        return {} if path is None else SafetensorsReader(path).read_all()
 
     def task_files(self, task: str) -> dict[str, Path]:
         """{relative name: file} of the task model's config, tokenizer and generation files: the base's, with
@@ -558,57 +545,3 @@ class CompressedMerge(
     def agreement_histogram(self) -> list[int]:
         """hist[c] = entries contained in exactly c task masks, c = 0..T (over all counted entries)."""
         return list(self.manifest["stats"]["agreement_histogram"])
-
-
-class TaskReader:
-    """One task's files of an artifact, open: reads any tensor of the task's model, merged ones rebuilt.
-
-    Args:
-        merge: the artifact.
-        task: one of its tasks.
-        dtype: as for `CompressedMerge.task_infos`.
-    """
-
-    def __init__(self, merge: CompressedMerge, task: str, dtype: str | None = None):
-        self.infos = merge.task_infos(task, dtype)
-        self.merged = merge.mask_shapes(task)
-        self.base = merge.base
-        self.masks = SafetensorsReader(merge._task_file(MASK_DIR, task))
-        private = merge._private_file(task)
-        self.private = SafetensorsReader(private) if private is not None else None
-        # magnitude pruning keeps each task's own values; the other methods share τ_MTL
-        shared = merge.manifest["vector"] is not None
-        self.values = None if shared else SafetensorsReader(merge._task_file(VALUE_DIR, task))
-        self.vector = merge.vector_readers() if shared else None
-
-    def read(self, key: str) -> torch.Tensor:
-        """Tensor `key` of the task's model, in its output dtype."""
-        info = self.infos[key]
-        if key not in self.merged:
-            own = self.private is not None and key in self.private.infos
-            return (self.private.read(key) if own else self.base.read(key)).to(info.dtype)
-        theta0 = self.base.read(key)
-        mask = unpack_bits(self.masks.read(key), theta0.numel()).reshape(theta0.shape)
-        if self.vector is None:
-            return rebuild_sparse(theta0, self.values.read(key), mask).to(info.dtype)
-        return rebuild(theta0, self.vector[key].read(key), mask).to(info.dtype)
-
-    def read_into(self, key: str, out: torch.Tensor) -> None:
-        """Tensor `key` into `out` (contiguous, any dtype): its output dtype's values, cast to `out`'s. A
-        merged tensor on the CPU goes from θ0, τ_MTL and the packed mask straight into `out` (fused kernel),
-        row block by row block: no whole-tensor temporary."""
-        if key in self.merged and self.vector is not None and out.device.type == "cpu":
-            info, flat, packed = self.base.infos[key], out.view(-1), self.masks.read(key)
-            stored = self.infos[key].dtype
-            for rows in row_blocks(info, READ_BLOCK_ENTRIES):
-                start = first_entry(info, rows)
-                theta0 = self.base.read(key, rows).reshape(-1)
-                tau = self.vector[key].read(key, rows).reshape(-1)
-                stop = start + theta0.numel()
-                if not fused.rebuild_into(
-                    theta0, tau, packed[start // 8 : (stop + 7) // 8], stored, flat[start:stop]
-                ):
-                    break
-            else:
-                return
-        out.copy_(self.read(key))

@@ -21,10 +21,11 @@ import torch
 
 from hubmerge import fused
 from hubmerge.artifacts import OUTPUT_DTYPES, rebuild, rebuild_sparse
-from hubmerge.compressed import CompressedMerge, TaskReader
+from hubmerge.compressed import CompressedMerge
 from hubmerge.errors import HubmergeError
 from hubmerge.hub import OPEN_CLIP_CONFIG
 from hubmerge.sources import TensorInfo
+from hubmerge.task_reader import TaskReader
 
 # Entries rebuilt at once while switching (a multiple of 8: whole bytes of a packed mask): the float32
 # temporaries of a piece stay in the caches on a CPU, and a GPU still gets large kernels.

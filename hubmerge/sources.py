@@ -263,6 +263,10 @@ class SafetensorsReader:
         self._fd = os.open(path, os.O_RDONLY)
         self._finalizer = weakref.finalize(self, os.close, self._fd)
 
+    def read_all(self) -> dict[str, torch.Tensor]:
+        """Every tensor of the file, in memory (not a memory map: what is kept resident is really in memory)."""
+        return {key: self.read(key) for key in self.infos}
+
     def read(self, key: str, rows: tuple[int, int] | None = None, pin_memory: bool = False) -> torch.Tensor:
         info = self.infos[key]
         offset, shape = self._data_start + self._offsets[key], info.shape

@@ -128,7 +128,7 @@ def test_the_record_counts_each_tasks_own_part(models: Path, artifact: Path) -> 
 def test_load_model_equals_from_pretrained_of_the_materialized_directory(
     artifact: Path, tmp_path: Path, block: int, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr("hubmerge.compressed.READ_BLOCK_ENTRIES", block)
+    monkeypatch.setattr("hubmerge.task_reader.READ_BLOCK_ENTRIES", block)
     merge = CompressedMerge.from_pretrained(artifact)
     for dtype in (None, torch.bfloat16):
         model = merge.load_model("genre", dtype=dtype)
