@@ -267,13 +267,13 @@ def test_bf16_section_shows_bits_per_task_next_to_the_float32_rows(tmp_path: Pat
     assert "| TALL masks + TA | float32 | 0.2, 0.5 | 34,000 | 17,000 | 0.531× | 40 (1 thr.) |" in lines
     assert "| TALL masks + TA, bf16 τ_MTL | bfloat16 | 0.3, 0.5 | 18,000 | 9,000 | 0.281× | — |" in lines
     assert (
-        "- TALL masks + TA: bfloat16 − float32 τ_MTL = -5.00 points of normalized mean (-4.00 of mean "
+        "- TALL masks + TA: bfloat16 − float32 τ_MTL: -5.00 points of normalized mean (-4.00 of mean "
         "accuracy; largest task change -8.0 on alpha); stored bits per task 0.529× the float32 row's; "
         "chosen λ differs on alpha." in lines
     )
-    assert any(
-        "the largest task difference is +0.0 points" in line and "Identical per task." in line
-        for line in lines
+    assert (
+        "Fine-tunes: this run's fine-tuned mean test accuracy is 90.0 % against 90.0 % in the table above (D), "
+        "and every task's equals it to the table's 0.1 %." in lines
     )
     assert "this run's fine-tuned row equals the table above's task by task." in section
     assert f"]({run.STORAGE_PNG})" in section
@@ -293,3 +293,20 @@ def test_bf16_subsection_goes_after_the_suite_notes_and_is_replaced_in_place(tmp
 
     block = f"{run.BF16_BEGIN}\nsecond\n{run.BF16_END}\n"
     assert docs.read_text() == before.replace("notes\n\n<!--", f"notes\n\n{block}\n<!--")
+
+
+def test_bf16_section_says_so_when_bfloat16_changes_no_test_accuracy() -> None:
+    same = {"alpha": 0.8, "beta": 0.9}
+    records = {
+        "tall_ties": tall_record(same, {"alpha": 0.5, "beta": 0.5}, 32),
+        "tall_ties_bf16": tall_record(same, {"alpha": 0.5, "beta": 0.5}, 16),
+    }
+
+    section = run.render_bf16_section(records, {}, {"date": "D", "machine": "M", "commands": []})
+
+    assert (
+        "- TALL masks + TIES: bfloat16 − float32 τ_MTL: no change: the same test accuracy on every task, "
+        "exactly; stored bits per task 0.529× the float32 row's; chosen λ identical on every task."
+        in section.splitlines()
+    )
+    assert "Fine-tunes:" not in section and "![" not in section  # no reference, no plot given

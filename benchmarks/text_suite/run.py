@@ -576,11 +576,16 @@ def render_bf16_section(
         lam_a = a.get("search", {}).get("chosen", {}).get("lambda", {})
         lam_b = b.get("search", {}).get("chosen", {}).get("lambda", {})
         moved = [t for t in tasks if lam_a.get(t) != lam_b.get(t)]
+        if any(diffs.values()):
+            accuracy = (
+                f"{100 * (row_b['mean_normalized'] - row_a['mean_normalized']):+.2f} points of normalized mean "
+                f"({100 * (row_b['mean_accuracy'] - row_a['mean_accuracy']):+.2f} of mean accuracy; largest task "
+                f"change {100 * diffs[worst]:+.1f} on {worst})"
+            )
+        else:
+            accuracy = "no change: the same test accuracy on every task, exactly"
         findings.append(
-            f"- {methods[fp32_key].label}: bfloat16 − float32 τ_MTL = "
-            f"{100 * (row_b['mean_normalized'] - row_a['mean_normalized']):+.2f} points of normalized mean "
-            f"({100 * (row_b['mean_accuracy'] - row_a['mean_accuracy']):+.2f} of mean accuracy; largest task "
-            f"change {100 * diffs[worst]:+.1f} on {worst}); stored bits per task "
+            f"- {methods[fp32_key].label}: bfloat16 − float32 τ_MTL: {accuracy}; stored bits per task "
             f"{bits_per_task(b) / bits_per_task(a):.3f}× the float32 row's; chosen λ "
             + (f"differs on {', '.join(moved)}" if moved else "identical on every task")
             + "."
@@ -595,17 +600,18 @@ def render_bf16_section(
             largest = max(deltas, key=lambda t: abs(deltas[t]))
             ref_mean = sum(reference.finetuned_accuracy[t] for t in common) / len(common)
             now_mean = sum(now[t] for t in common) / len(common)
-            lines += [
-                "",
+            compared = (
                 f"Fine-tunes: this run's fine-tuned mean test accuracy is {percent(now_mean)} % against "
-                f"{percent(ref_mean)} % in the table above ({reference.date}); the largest task difference is "
-                f"{100 * deltas[largest]:+.1f} points ({largest}). "
-                + (
-                    "Identical per task."
-                    if finetunes_match(first, reference)
-                    else "The fine-tunes differ, so compare rows within one table, not across the two."
-                ),
-            ]
+                f"{percent(ref_mean)} % in the table above ({reference.date})"
+            )
+            if finetunes_match(first, reference):
+                compared += ", and every task's equals it to the table's 0.1 %."
+            else:
+                compared += (
+                    f"; the largest task difference is {100 * deltas[largest]:+.1f} points ({largest}). The "
+                    "fine-tunes differ, so compare rows within one table, not across the two."
+                )
+            lines += ["", compared]
     if context.get("plot"):
         ref_note = (
             f"; grey: the rows of the table above ({reference.date}"
