@@ -27,6 +27,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from hubmerge import fused
 from hubmerge.distributed import Group
 from hubmerge.output import MANIFEST
 from hubmerge.private import PRIVATE_DIR, TASK_FILES_DIR
@@ -88,6 +89,38 @@ def rebuild_sparse(theta0: torch.Tensor, values: torch.Tensor, mask: torch.Tenso
     flat = theta0.float().reshape(-1).clone()
     flat[mask.reshape(-1)] += values.float()
     return flat.reshape(theta0.shape)
+
+
+# Entries rebuilt at once by torch operations (a multiple of 8: whole bytes of a packed mask): the float32
+# temporaries of a piece stay in the caches on a CPU, and a GPU still gets large kernels.
+REBUILD_PIECE_ENTRIES = 1 << 18
+_BIT_SHIFTS: dict[torch.device, torch.Tensor] = {}
+
+
+def unpack_bits_on(packed: torch.Tensor, count: int) -> torch.Tensor:
+    """`unpack_bits` with torch operations, on the packed tensor's device: `count` bools."""
+    shifts = _BIT_SHIFTS.get(packed.device)
+    if shifts is None:
+        shifts = _BIT_SHIFTS[packed.device] = torch.arange(7, -1, -1, dtype=torch.uint8, device=packed.device)
+    return ((packed.unsqueeze(-1) >> shifts) & 1).reshape(-1)[:count].bool()
+
+
+def rebuild_packed_into(
+    theta0: torch.Tensor, tau: torch.Tensor, packed: torch.Tensor, stored: torch.dtype, out: torch.Tensor
+) -> None:
+    """`rebuild` of flat θ0 and τ with the packed mask (`pack_bits`) of the same entries, cast to `stored` (the
+    dtype the task's model stores it in), then written into flat `out` in its own dtype.
+
+    The fused CPU kernel does it in one pass where it applies; elsewhere (a GPU, float16) torch operations do,
+    piece by piece, with the same bits.
+    """
+    if fused.rebuild_into(theta0, tau, packed, stored, out):
+        return
+    n = theta0.numel()
+    for start in range(0, n, REBUILD_PIECE_ENTRIES):
+        stop = min(start + REBUILD_PIECE_ENTRIES, n)
+        mask = unpack_bits_on(packed[start // 8 : (stop + 7) // 8], stop - start)
+        out[start:stop].copy_(rebuild(theta0[start:stop], tau[start:stop], mask).to(stored))
 
 
 def packed_size(numel: int) -> int:

@@ -19,18 +19,12 @@ from typing import Any
 
 import torch
 
-from hubmerge import fused
-from hubmerge.artifacts import OUTPUT_DTYPES, rebuild, rebuild_sparse
+from hubmerge.artifacts import OUTPUT_DTYPES, rebuild_packed_into, rebuild_sparse, unpack_bits_on
 from hubmerge.compressed import CompressedMerge
 from hubmerge.errors import HubmergeError
 from hubmerge.hub import OPEN_CLIP_CONFIG
 from hubmerge.sources import TensorInfo
 from hubmerge.task_reader import TaskReader
-
-# Entries rebuilt at once while switching (a multiple of 8: whole bytes of a packed mask): the float32
-# temporaries of a piece stay in the caches on a CPU, and a GPU still gets large kernels.
-SWITCH_PIECE_ENTRIES = 1 << 18
-_BIT_SHIFTS: dict[torch.device, torch.Tensor] = {}
 
 
 def torch_dtype(dtype: str | torch.dtype | None) -> torch.dtype | None:
@@ -40,14 +34,6 @@ def torch_dtype(dtype: str | torch.dtype | None) -> torch.dtype | None:
     if dtype not in OUTPUT_DTYPES:
         raise HubmergeError(f"dtype {dtype!r}: choose {', '.join(OUTPUT_DTYPES)}")
     return OUTPUT_DTYPES[dtype]
-
-
-def unpack_bits_on(packed: torch.Tensor, count: int) -> torch.Tensor:
-    """`artifacts.unpack_bits` with torch operations, on the packed tensor's device: `count` bools."""
-    shifts = _BIT_SHIFTS.get(packed.device)
-    if shifts is None:
-        shifts = _BIT_SHIFTS[packed.device] = torch.arange(7, -1, -1, dtype=torch.uint8, device=packed.device)
-    return ((packed.unsqueeze(-1) >> shifts) & 1).reshape(-1)[:count].bool()
 
 
 # -- building the model ----------------------------------------------------------------------------------------
@@ -282,21 +268,14 @@ class TaskSwitcher:
 
     def rebuild_into(self, task: str, key: str, out: torch.Tensor) -> None:
         """Write task `task`'s tensor `key` into `out` (contiguous, any dtype): rebuilt in float32, cast to
-        the dtype the task's model stores it in, then to `out`'s dtype; by the fused kernel on a CPU, else
-        piece by piece with torch operations."""
+        the dtype the task's model stores it in, then to `out`'s dtype (`rebuild_packed_into`)."""
         stored, flat = self.stored[task][key], out.view(-1)
         packed, theta0 = self.packed[task][key], self.theta0[key]
         if not self.shared_vector:
             mask = unpack_bits_on(packed, theta0.numel())
             flat.copy_(rebuild_sparse(theta0, self.values[task][key], mask).to(stored))
             return
-        tau, n = self.tau[key], theta0.numel()
-        if fused.rebuild_into(theta0, tau, packed, stored, flat):
-            return
-        for start in range(0, n, SWITCH_PIECE_ENTRIES):
-            stop = min(start + SWITCH_PIECE_ENTRIES, n)
-            mask = unpack_bits_on(packed[start // 8 : (stop + 7) // 8], stop - start)
-            flat[start:stop].copy_(rebuild(theta0[start:stop], tau[start:stop], mask).to(stored))
+        rebuild_packed_into(theta0, self.tau[key], packed, stored, flat)
 
     def overlay(self, task: str) -> dict[str, torch.Tensor]:
         """Task `task`'s merged tensors, as its model stores them (for scoring)."""

@@ -7,8 +7,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from hubmerge import fused
-from hubmerge.artifacts import MASK_DIR, VALUE_DIR, rebuild, rebuild_sparse, unpack_bits
+from hubmerge.artifacts import MASK_DIR, VALUE_DIR, rebuild, rebuild_packed_into, rebuild_sparse, unpack_bits
 from hubmerge.engine import first_entry, row_blocks
 from hubmerge.sources import SafetensorsReader
 
@@ -55,8 +54,8 @@ class TaskReader:
 
     def read_into(self, key: str, out: torch.Tensor) -> None:
         """Tensor `key` into `out` (contiguous, any dtype): its output dtype's values, cast to `out`'s. A
-        merged tensor on the CPU goes from θ0, τ_MTL and the packed mask straight into `out` (fused kernel),
-        row block by row block: no whole-tensor temporary."""
+        merged tensor on the CPU goes from θ0, τ_MTL and the packed mask straight into `out`
+        (`rebuild_packed_into`), row block by row block: no whole-tensor temporary."""
         if key in self.merged and self.vector is not None and out.device.type == "cpu":
             info, flat, packed = self.base.infos[key], out.view(-1), self.masks.read(key)
             stored = self.infos[key].dtype
@@ -65,10 +64,8 @@ class TaskReader:
                 theta0 = self.base.read(key, rows).reshape(-1)
                 tau = self.vector[key].read(key, rows).reshape(-1)
                 stop = start + theta0.numel()
-                if not fused.rebuild_into(
+                rebuild_packed_into(
                     theta0, tau, packed[start // 8 : (stop + 7) // 8], stored, flat[start:stop]
-                ):
-                    break
-            else:
-                return
+                )
+            return
         out.copy_(self.read(key))

@@ -266,3 +266,22 @@ def test_whole_piece_spans_as_on_a_gpu_handle_empty_tensors_and_match_small_span
         run_recipe(recipe, output=out, block_entries=8, span_entries=span_entries)
         outputs.append({p.name: p.read_bytes() for p in sorted(out.rglob("*.safetensors"))})
     assert outputs[0] and outputs[0] == outputs[1]
+
+
+@pytest.mark.parametrize("stored", [torch.float32, torch.bfloat16, torch.float16])
+def test_rebuild_packed_into_matches_rebuild_with_and_without_the_kernel(stored, monkeypatch):
+    from hubmerge import fused
+    from hubmerge.artifacts import REBUILD_PIECE_ENTRIES, rebuild, rebuild_packed_into
+
+    n = 2 * REBUILD_PIECE_ENTRIES + 13  # several pieces and a tail
+    generator = torch.Generator().manual_seed(4)
+    theta0 = torch.randn(n, generator=generator).to(torch.bfloat16)
+    tau = 0.01 * torch.randn(n, generator=generator)
+    mask = torch.rand(n, generator=generator) < 0.4
+    expected = rebuild(theta0, tau, mask).to(stored).float()
+    for kernel in (True, False):
+        if not kernel:
+            monkeypatch.setattr(fused, "rebuild_into", lambda *args: False)
+        out = torch.empty(n)
+        rebuild_packed_into(theta0, tau, pack_bits(mask), stored, out)
+        assert torch.equal(out, expected), (stored, kernel)
