@@ -44,7 +44,7 @@ from benchmarks.synthetic import (
     write_docs,
     write_model,
 )
-from hubmerge.engine import DEFAULT_BLOCK_ENTRIES, plan_summary, prepare
+from hubmerge.planning import DEFAULT_BLOCK_ENTRIES, plan_summary, prepare
 from hubmerge.recipe import load_recipe
 
 BEGIN, END = "<!-- memory.py: begin -->", "<!-- memory.py: end -->"

@@ -14,19 +14,6 @@ from hubmerge.methods import METHODS
 CARD_FILE = "README.md"
 PLOT_FILE = "mask_agreement.png"
 
-PAPER = (
-    "Ke Wang, Nikolaos Dimitriadis, Guillermo Ortiz-Jiménez, François Fleuret, Pascal Frossard. "
-    "*Localizing Task Information for Improved Model Merging and Compression.* ICML 2024."
-)
-BIBTEX = """@inproceedings{wang2024localizing,
-  title={Localizing Task Information for Improved Model Merging and Compression},
-  author={Wang, Ke and Dimitriadis, Nikolaos and Ortiz-Jim{\\'e}nez, Guillermo and Fleuret, Fran{\\c{c}}ois
-          and Frossard, Pascal},
-  booktitle={International Conference on Machine Learning},
-  year={2024}
-}"""
-PAPER_METHODS = {"tall_masks", "consensus", "magnitude_masking", "magnitude_pruning"}
-
 TEMPLATE = """---
 {{ card_data }}
 ---
@@ -121,13 +108,13 @@ This merge was run with `--allow-nonfinite`: these inputs hold NaN or ±Inf entr
 
 ```yaml
 {{ recipe }}```
-{% if cite %}
+{% if citation %}
 ## Citation
 
-{{ paper }}
+{{ citation.paper }}
 
 ```bibtex
-{{ bibtex }}
+{{ citation.bibtex }}
 ```
 {% endif %}
 Made with hubmerge {{ version }}.
@@ -291,9 +278,7 @@ def build_card(
         consensus_note=consensus_note,
         nonfinite=record.get("nonfinite", []),
         recipe=recipe_yaml,
-        cite=record["method"] in PAPER_METHODS,
-        paper=PAPER,
-        bibtex=BIBTEX,
+        citation=METHODS[record["method"]].citation,
         version=record["hubmerge_version"],
     )
 

@@ -180,10 +180,11 @@ def run(
     """
     from hubmerge.display import human, print_plan, print_published, print_record, print_timing
     from hubmerge.distributed import join, launch, leave
-    from hubmerge.engine import locate_sources, plan_summary, prepare, resolve_device
+    from hubmerge.engine import prepare
     from hubmerge.hub import check_push_access
     from hubmerge.lock import read_lock
     from hubmerge.output import check_output_path
+    from hubmerge.planning import locate_sources, plan_summary, resolve_device
     from hubmerge.recipe import load_recipe
     from hubmerge.run import publish_output, recipe_inputs, resolve_output, run_recipe
     from hubmerge.writer import parse_shard_size
@@ -215,22 +216,10 @@ def run(
         # what every process would refuse alike is refused here, once
         check_output_path(resolve_output(parsed, output), overwrite, recipe_inputs(parsed, str(recipe)))
         locate_sources(parsed)
-        relaunched = ["run", str(recipe), "--device", device, "--max-shard-size", max_shard_size]
-        relaunched += ["--output", str(output)] if output else []
-        relaunched += [
-            flag
-            for flag, on in (
-                ("--overwrite", overwrite),
-                ("-q", quiet),
-                ("--locked", locked),
-                ("--no-push", not push),
-                ("--allow-nonfinite", allow_nonfinite),
-                ("--json", as_json),
-                ("-v", verbose),
-            )
-            if on
-        ]
-        raise typer.Exit(launch(num_processes, relaunched))
+        from hubmerge.distributed import current_command_line
+
+        # this very command line, every option included, less --num-processes (the processes run alone)
+        raise typer.Exit(launch(num_processes, current_command_line(leave_out={"num_processes"})))
     group, torch_device = join(torch_device)
     try:
         result = run_recipe(
@@ -274,8 +263,8 @@ def validate(
     nothing), and opens the headers of local sources to check that every model matches the base.
     """
     from hubmerge.display import print_validation
-    from hubmerge.engine import locate_sources
     from hubmerge.methods import METHODS
+    from hubmerge.planning import locate_sources
     from hubmerge.recipe import load_recipe
     from hubmerge.sources import check_compatible, open_source
 
@@ -325,7 +314,7 @@ def eval_command(
     Writes the results into the output's hubmerge.json and model card (model-index).
     """
     from hubmerge.display import print_evaluation
-    from hubmerge.engine import resolve_device
+    from hubmerge.planning import resolve_device
     from hubmerge.recipe import load_recipe
     from hubmerge.run import evaluate_output
 
@@ -346,9 +335,9 @@ def lock(
     `hubmerge run RECIPE --locked` then refuses to run when a source has moved. Downloads no weights.
     """
     from hubmerge.display import print_lock
-    from hubmerge.engine import locate_sources
     from hubmerge.hub import HubSource
     from hubmerge.lock import write_lock
+    from hubmerge.planning import locate_sources
     from hubmerge.recipe import load_recipe
 
     located = locate_sources(load_recipe(recipe))

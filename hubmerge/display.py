@@ -16,7 +16,7 @@ from rich.table import Table
 
 if TYPE_CHECKING:
     from hubmerge.hub import HubSource, Published
-    from hubmerge.methods import MethodSpec
+    from hubmerge.methods import Method
     from hubmerge.recipe import Recipe
 
 
@@ -196,7 +196,7 @@ def print_timing(console: Console, record: dict[str, Any], wall_seconds: float) 
     )
 
 
-def parameter_rows(spec: MethodSpec) -> list[tuple[str, str, str]]:
+def parameter_rows(spec: Method) -> list[tuple[str, str, str]]:
     """(name, default, description) of each recipe parameter of a method, nested options as `ties.density`."""
 
     def rows(model: Any, prefix: str) -> list[tuple[str, str, str]]:

@@ -5,16 +5,22 @@ A run joins a process group when it is started by a launcher that sets the torch
 --num-processes N`, which starts `torchrun` itself. Every statistic the engine gathers is an integer count
 (radix histograms, sign counts, mask agreement), so summing them across processes gives exactly the
 single-process values, and every output byte has a fixed position, so the files are byte-identical.
+
+Accelerate's `PartialState` reads the launcher's environment, picks the local GPU and initialises the process
+group; `Group` adds what Accelerate lacks: the collectives the engine needs (exact integer sums, objects) and
+the balanced split of the pieces. A run on its own never touches Accelerate.
 """
 
 from __future__ import annotations
 
 import datetime as dt
+import enum
 import json
 import os
 import subprocess
 import sys
 import tempfile
+from collections.abc import Collection
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -103,16 +109,43 @@ def join(device: torch.device) -> tuple[Group, torch.device]:
     """
     if launched_world_size() <= 1:
         return SINGLE, device
-    if device.type == "cuda":
-        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")) % torch.cuda.device_count())
-        torch.cuda.set_device(device)
-    if not dist.is_initialized():
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=WAIT_TIMEOUT)
-    return Group(dist.get_rank(), dist.get_world_size(), device), device
+    return join_launched(device)
+
+
+def join_launched(device: torch.device) -> tuple[Group, torch.device]:
+    """`join` for whatever world size the environment gives (`RANK`, `WORLD_SIZE`, `LOCAL_RANK`,
+    `MASTER_ADDR`, `MASTER_PORT`), one process included: through Accelerate's `PartialState`."""
+    from accelerate.state import PartialState
+
+    cuda = device.type == "cuda"
+    # Accelerate treats a process without LOCAL_RANK as not launched on the GPU; a launcher that sets only
+    # the torch.distributed variables means local rank 0, as `torch.distributed` itself assumes.
+    os.environ.setdefault("LOCAL_RANK", "0")
+    if cuda:
+        from accelerate.utils import check_cuda_p2p_ib_support
+
+        if not check_cuda_p2p_ib_support():  # RTX 40xx on old drivers: what `accelerate launch` sets
+            os.environ.setdefault("NCCL_P2P_DISABLE", "1")
+            os.environ.setdefault("NCCL_IB_DISABLE", "1")
+    state = PartialState(cpu=not cuda, backend="nccl" if cuda else "gloo", timeout=WAIT_TIMEOUT)
+    if state.num_processes != launched_world_size():
+        raise HubmergeError(
+            f"WORLD_SIZE is {launched_world_size()} but Accelerate set up {state.num_processes} process(es) "
+            f"({state.distributed_type}); was it already initialised differently in this process?"
+        )
+    if cuda:
+        device = state.device  # cuda:LOCAL_RANK (modulo the visible GPUs), already the current device
+    return Group(state.process_index, state.num_processes, device), device
 
 
 def leave() -> None:
-    if dist.is_initialized():
+    """Leave the process group `join` joined, if any, and reset Accelerate's state, so that a later `join`
+    in this process starts afresh."""
+    accelerate_state = sys.modules.get("accelerate.state")  # not imported: no PartialState to reset
+    if accelerate_state is not None and accelerate_state.PartialState._shared_state:
+        accelerate_state.PartialState().destroy_process_group()
+        accelerate_state.PartialState._reset_state()
+    elif dist.is_initialized():
         dist.destroy_process_group()
 
 
@@ -128,6 +161,61 @@ except ChildFailedError as failed:
     code = failed.get_first_failure()[1].exitcode
     sys.exit(code if code > 0 else 128 - code)
 """
+
+
+def command_line(ctx: Any, leave_out: Collection[str] = ()) -> list[str]:
+    """The arguments that give `ctx`'s command (a click context of the `hubmerge` command line) and the
+    commands above it the values they were given, less the parameters named in `leave_out`: what was typed,
+    in a normal form, so that `launch` runs the same command, with every option, present or future.
+
+    A parameter left at its default is left out; an explicit value (command line, environment, prompt) is
+    written with the parameter's first long option, positional arguments last (after `--` if one starts
+    with `-`).
+    """
+    parents = [*command_line(ctx.parent, leave_out), ctx.info_name] if ctx.parent is not None else []
+    options: list[str] = []
+    arguments: list[str] = []
+    for param in ctx.command.get_params(ctx):
+        source = ctx.get_parameter_source(param.name)
+        if param.name in leave_out or source is None or source.name == "DEFAULT":
+            continue
+        value = ctx.params[param.name]
+        values = list(value) if param.multiple else [value]
+        if param.param_type_name == "argument":
+            arguments += [_argument_text(v) for one in values for v in _items(one)]
+            continue
+        option = next((o for o in param.opts if o.startswith("--")), param.opts[0])
+        for one in values:
+            if getattr(param, "count", False):
+                options += [option] * int(one)
+            elif getattr(param, "is_flag", False):
+                if param.secondary_opts:
+                    options.append(option if one else param.secondary_opts[0])
+                elif one:
+                    options.append(option)
+            else:
+                options += [option, *map(_argument_text, _items(one))]
+    if any(a.startswith("-") for a in arguments):
+        arguments.insert(0, "--")
+    return [*parents, *options, *arguments]
+
+
+def _items(value: Any) -> list[Any]:
+    """The values one occurrence of a parameter gave (several where it takes nargs > 1)."""
+    return list(value) if isinstance(value, (tuple, list)) else [value]
+
+
+def _argument_text(value: Any) -> str:
+    return str(value.value if isinstance(value, enum.Enum) else value)
+
+
+def current_command_line(leave_out: Collection[str] = ()) -> list[str]:
+    """`command_line` of the command running now (from typer's bundled click, or click)."""
+    try:
+        from typer._click.globals import get_current_context
+    except ImportError:  # typer < 0.29 used click itself
+        from click import get_current_context
+    return command_line(get_current_context(), leave_out)
 
 
 def launch(num_processes: int, hubmerge_args: list[str]) -> int:

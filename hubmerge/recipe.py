@@ -29,7 +29,6 @@ HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+(@[^\s@]+)?$")
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
 
 # Methods with a parameter the validation search chooses (α, k, λ per task).
-SEARCHABLE = ("task_arithmetic", "ties", "consensus", "tall_masks")
 OutputDtype = Literal["auto", "float32", "bfloat16", "float16"]
 VectorDtype = Literal["float32", "bfloat16", "float16"]
 
@@ -212,8 +211,9 @@ class Recipe(Strict):
         if "evaluation" in info.data and info.data["evaluation"] is None:
             problems.append("search: needs an `evaluation:` section to score the candidates")
         method = info.data.get("method")
-        if method is not None and method not in SEARCHABLE:
-            problems.append(f"search: {method} has no parameter to search ({', '.join(SEARCHABLE)} do)")
+        searchable = [name for name, spec in METHODS.items() if spec.searchable]
+        if method in METHODS and not METHODS[method].searchable:
+            problems.append(f"search: {method} has no parameter to search ({', '.join(searchable)} do)")
         if "models" in info.data:
             t = len(info.data["models"])
             problems += [f"search.k: {k} is more than the {t} tasks" for k in search.k if k > t]

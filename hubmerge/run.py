@@ -34,7 +34,7 @@ from hubmerge.artifacts import (
 from hubmerge.card import write_card
 from hubmerge.compressed import CompressedMerge
 from hubmerge.distributed import SINGLE, Group
-from hubmerge.engine import DEFAULT_BLOCK_ENTRIES, Engine, MergeJob, prepare, resolve_device
+from hubmerge.engine import Engine
 from hubmerge.errors import HubmergeError
 from hubmerge.evaluation import Evaluator, Overlay, mean, normalized
 from hubmerge.hub import Published
@@ -54,6 +54,7 @@ from hubmerge.output import (
     output_lock,
     read_manifest,
 )
+from hubmerge.planning import DEFAULT_BLOCK_ENTRIES, MergeJob, prepare, resolve_device
 from hubmerge.private import task_parts
 from hubmerge.recipe import ModelEntry, PushTarget, Recipe, is_hub_id
 from hubmerge.search import SearchResult, overlay_of, read_overlay, run_search

@@ -16,6 +16,7 @@ import torch
 
 from hubmerge.compressed import CompressedMerge
 from hubmerge.evaluation import Evaluator, Overlay, mean, normalized
+from hubmerge.methods import METHODS
 from hubmerge.recipe import Recipe, Search
 from hubmerge.serving import TaskSwitcher
 from hubmerge.sources import Provenance, open_local
@@ -93,10 +94,10 @@ def run_search(
         assert best is not None
         return best
 
-    if recipe.method in ("task_arithmetic", "ties"):
-        best = best_alpha(direction(run_variant({**recipe.parameters, "scaling": 1.0}), base), {})
-        result.chosen = {"scaling": best["scaling"]}
-    elif recipe.method == "consensus":
+    searchable = METHODS[recipe.method].searchable
+    if "lambda" in searchable:
+        result.chosen = {"lambda": _best_lambdas(recipe, search, base, evaluator, run_variant, row)}
+    elif "k" in searchable:
         best = None
         for k in sorted(search.k):
             candidate = best_alpha(
@@ -107,7 +108,11 @@ def run_search(
         assert best is not None
         result.chosen = {"k": best["k"], "scaling": best["scaling"]}
     else:
-        result.chosen = {"lambda": _best_lambdas(recipe, search, base, evaluator, run_variant, row)}
+        # the method's name for α (`lambda` in mergekit's methods), replacing the recipe's value
+        key = METHODS[recipe.method].params.model_fields["scaling"].alias or "scaling"
+        unscaled = {k: v for k, v in recipe.parameters.items() if k not in ("scaling", key)}
+        best = best_alpha(direction(run_variant({**unscaled, key: 1.0}), base), {})
+        result.chosen = {key: best["scaling"]}
     result.parameters.update(result.chosen)
     return result
 

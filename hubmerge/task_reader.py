@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from hubmerge.artifacts import MASK_DIR, VALUE_DIR, rebuild, rebuild_packed_into, rebuild_sparse, unpack_bits
-from hubmerge.engine import first_entry, row_blocks
+from hubmerge.planning import first_entry, row_blocks
 from hubmerge.sources import SafetensorsReader
 
 if TYPE_CHECKING:

@@ -40,3 +40,15 @@ def hub() -> Iterator[HubServer]:
 def hf_token() -> str:
     """A token of `alice`, who owns the `alice/...` namespace on the test Hub."""
     return next(token for token, user in DEFAULT_TOKENS.items() if user == "alice")
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Tests marked `gpu` are skipped, with the reason, where torch sees no CUDA device."""
+    import torch
+
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA device: torch.cuda.is_available() is False")
+    for item in items:
+        if item.get_closest_marker("gpu") is not None:
+            item.add_marker(skip)

@@ -245,33 +245,81 @@ def test_allow_nonfinite(ws: Workspace) -> None:
     ]
 
 
-def test_num_processes_relaunch_forwards_every_flag(ws: Workspace, monkeypatch: pytest.MonkeyPatch) -> None:
+# A value for each option of `run` that takes one: a new option fails the test below until it has one here.
+RELAUNCH_VALUES = {"output": "elsewhere", "device": "cpu", "max_shard_size": "1GB"}
+# --num-processes is what the relaunch takes out; --dry-run never launches (it prints the plan at once).
+NOT_RELAUNCHED = {"num_processes", "dry_run"}
+
+
+def run_command():
+    import typer
+
+    return typer.main.get_command(app).commands["run"]
+
+
+def every_run_option() -> list[str]:
+    """Every option of `run` but NOT_RELAUNCHED, each away from its default, in short form where it has one."""
+    given = []
+    for param in run_command().params:
+        if param.name in NOT_RELAUNCHED or param.param_type_name == "argument":
+            continue
+        if param.is_flag:
+            given.append((param.secondary_opts or param.opts)[-1])  # --no-push: push is on by default
+        else:
+            assert param.name in RELAUNCH_VALUES, f"new option {param.opts[0]}: give it a RELAUNCH_VALUES"
+            given += [param.opts[-1], RELAUNCH_VALUES[param.name]]
+    return given
+
+
+@pytest.mark.parametrize("num_processes", [["--num-processes", "2"], ["--num-processes=2"]])
+def test_num_processes_relaunch_forwards_every_option(
+    ws: Workspace, monkeypatch: pytest.MonkeyPatch, num_processes: list[str]
+) -> None:
+    """What `launch` runs parses to the values of the command typed, every option of `run` given (found from
+    the command itself, so an option added later is covered), less --num-processes."""
     launched = []
 
-    def launch(num_processes: int, args: list[str]) -> int:
-        launched.append((num_processes, args))
+    def launch(processes: int, args: list[str]) -> int:
+        launched.append((processes, args))
         return 0
 
     monkeypatch.setattr("hubmerge.distributed.launch", launch)
-    flags = ["--overwrite", "-q", "--no-push", "--allow-nonfinite", "--json", "-v"]
-    args = ["run", ws.recipe, "--num-processes", "2", "--device", "cpu", "-o", ws.root / "o", *flags]
-    assert invoke(*args).exit_code == 0
-    assert launched == [
-        (
-            2,
-            [
-                "run",
-                str(ws.recipe),
-                "--device",
-                "cpu",
-                "--max-shard-size",
-                "5GB",
-                "--output",
-                str(ws.root / "o"),
-                *flags,
-            ],
-        )
-    ]
+    monkeypatch.chdir(ws.root)  # --output elsewhere: relative, as typed
+    assert invoke("lock", ws.recipe).exit_code == 0  # for --locked
+    options = every_run_option()
+    typed = [str(ws.recipe), *options[:2], *num_processes, *options[2:]]
+    assert "--no-push" in options and "-q" in options and "-o" in options
+
+    result = invoke("-v", "run", *typed)
+
+    assert result.exit_code == 0, result.output
+    [(processes, args)] = launched
+    assert processes == 2 and not any(a.startswith("--num-processes") for a in args), args
+    assert args[:2] == ["--verbose", "run"], args  # the options before the command too
+    run = run_command()
+    relaunched, original = run.make_context("run", args[2:]).params, run.make_context("run", typed).params
+    assert original["num_processes"] == 2 and relaunched["num_processes"] == 1
+    assert {k: v for k, v in relaunched.items() if k != "num_processes"} == {
+        k: v for k, v in original.items() if k != "num_processes"
+    }
+    defaults = run.make_context("run", [str(ws.recipe)]).params
+    options = [p.name for p in run.params if p.param_type_name == "option" and p.name not in NOT_RELAUNCHED]
+    dropped = [k for k in options if relaunched[k] == defaults[k]]
+    assert not dropped, f"options left at their default by the relaunch: {dropped}"
+
+
+def test_num_processes_relaunch_leaves_defaults_out_and_keeps_arguments_apart(
+    ws: Workspace, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    launched = []
+    monkeypatch.setattr("hubmerge.distributed.launch", lambda n, args: launched.append(args) or 0)
+    monkeypatch.chdir(ws.root)
+    Path("-recipe.yaml").write_text(ws.recipe.read_text())  # a recipe whose name reads like an option
+
+    assert invoke("run", "--num-processes", "3", "--", "-recipe.yaml").exit_code == 0
+    assert invoke("run", "--num-processes", "3", "--push", "recipe.yaml").exit_code == 0
+
+    assert launched == [["run", "--", "-recipe.yaml"], ["run", "--push", "recipe.yaml"]]
 
 
 # -- values checked before any work -------------------------------------------------------------------------

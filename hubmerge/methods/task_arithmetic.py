@@ -1,8 +1,27 @@
-"""Task vectors, Task Arithmetic and weight averaging (Ilharco et al., 2023)."""
+"""Task vectors and Task Arithmetic (Ilharco et al., 2023): θ0 + α·Σ τ_t."""
 
 from __future__ import annotations
 
 import torch
+from pydantic import Field
+
+from hubmerge.methods.registry import Citation, MergeSpec, Method, Params, Scaling, SumVector, register
+
+CITATION = Citation(
+    "Gabriel Ilharco, Marco Tulio Ribeiro, Mitchell Wortsman, Suchin Gururangan, Ludwig Schmidt, "
+    "Hannaneh Hajishirzi, Ali Farhadi. *Editing Models with Task Arithmetic.* ICLR 2023.",
+    """@inproceedings{ilharco2023editing,
+  title={Editing Models with Task Arithmetic},
+  author={Ilharco, Gabriel and Ribeiro, Marco Tulio and Wortsman, Mitchell and Gururangan, Suchin
+          and Schmidt, Ludwig and Hajishirzi, Hannaneh and Farhadi, Ali},
+  booktitle={International Conference on Learning Representations},
+  year={2023}
+}""",
+)
+
+
+class TaskArithmeticParams(Params):
+    scaling: Scaling = Field(1.0, description="α, multiplies the sum of the task vectors")
 
 
 def task_vectors(base: torch.Tensor, finetuned: list[torch.Tensor]) -> list[torch.Tensor]:
@@ -73,3 +92,18 @@ def apply_vector(base: torch.Tensor, vector: torch.Tensor, scaling: float) -> to
     """
     # θ0 first, as in the reference: with NaN on both sides the sum keeps the first operand's NaN
     return torch.add(exact_float32_operand(base), torch.mul(vector, scaling))
+
+
+register(
+    Method(
+        "task_arithmetic",
+        TaskArithmeticParams,
+        "merged",
+        "θ0 + α·Σ τ_t",
+        "the base plus the scaled sum of the task vectors",
+        plan=lambda p, names: MergeSpec("task_arithmetic", "merged", SumVector(), scaling=p.scaling),
+        searchable=("scaling",),
+        citation=CITATION,
+        composable=True,
+    )
+)

@@ -5,10 +5,52 @@ from __future__ import annotations
 from typing import Literal
 
 import torch
+from pydantic import Field
 
+from hubmerge.methods.registry import (
+    Citation,
+    Density,
+    MergeSpec,
+    Method,
+    Params,
+    Scaling,
+    TiesMerge,
+    TiesVector,
+    register,
+)
 from hubmerge.methods.task_arithmetic import sum_in_task_order
 
-TiesMerge = Literal["mean", "sum", "max"]
+CITATION = Citation(
+    "Prateek Yadav, Derek Tam, Leshem Choshen, Colin Raffel, Mohit Bansal. "
+    "*TIES-Merging: Resolving Interference When Merging Models.* NeurIPS 2023.",
+    """@inproceedings{yadav2023ties,
+  title={{TIES}-Merging: Resolving Interference When Merging Models},
+  author={Yadav, Prateek and Tam, Derek and Choshen, Leshem and Raffel, Colin and Bansal, Mohit},
+  booktitle={Advances in Neural Information Processing Systems},
+  year={2023}
+}""",
+)
+
+
+class TiesOptions(Params):
+    density: Density = Field(0.2, description="share of each task vector kept: its largest |τ_t| entries")
+    merge: TiesMerge = Field("mean", description="mean | sum | max of the entries that agree with the sign")
+    trim: Literal["global", "tensor"] = Field(
+        "global", description="global: top density over the whole model (the paper's); tensor: per tensor"
+    )
+
+    def vector(self) -> TiesVector:
+        return TiesVector(density=self.density, merge=self.merge, trim=self.trim)
+
+
+class TiesParams(TiesOptions):
+    scaling: Scaling = Field(1.0, description="α, multiplies the TIES vector")
+
+
+class InnerTiesOptions(TiesOptions):
+    """TIES as TALL masks and Consensus use it: the reference hard-codes K = 20 with dis-sum."""
+
+    merge: TiesMerge = Field("sum", description="mean | sum | max of the entries that agree with the sign")
 
 
 def trim(taus: list[torch.Tensor], thresholds: list[float | None]) -> list[torch.Tensor]:
@@ -85,3 +127,18 @@ def disjoint_merge(trimmed: list[torch.Tensor], sign: torch.Tensor, merge: TiesM
     if merge == "max":
         return largest.mul_(sign)
     raise ValueError(f"unknown TIES merge {merge!r}")
+
+
+register(
+    Method(
+        "ties",
+        TiesParams,
+        "merged",
+        "θ0 + α·TIES(τ): trim to the top density per task, elect signs, disjoint merge",
+        "TIES-Merging: trim each task vector, elect signs, merge the agreeing entries",
+        plan=lambda p, names: MergeSpec("ties", "merged", p.vector(), scaling=p.scaling),
+        searchable=("scaling",),
+        citation=CITATION,
+        composable=True,
+    )
+)

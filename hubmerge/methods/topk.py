@@ -97,7 +97,11 @@ def tensor_threshold(x: torch.Tensor, density: float) -> float | None:
     Returns:
         The threshold, or None when every entry is kept.
     """
-    k = kth_rank(x.numel(), density)
+    return threshold_at_rank(x, kth_rank(x.numel(), density))
+
+
+def threshold_at_rank(x: torch.Tensor, k: int) -> float | None:
+    """The k-th smallest |x| (1-based), or None for k = 0 (nothing is cut)."""
     if k == 0:
         return None
     return x.float().abs().reshape(-1).kthvalue(k).values.item()
