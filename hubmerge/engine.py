@@ -266,7 +266,7 @@ class Engine:
         reads = [
             (key, rows)
             for key, _ in self.stream.blocks(self.job.merge_keys, whole=True)
-            for rows in row_blocks(infos[key], self.stream.block_entries)
+            for rows in self.stream.piece_rows(key)
         ]
         mine: dict[str, torch.Tensor] = {}
         with self.stream.progress() as progress:

@@ -156,11 +156,13 @@ class Recipe(Strict):
 
     @field_validator("method")
     @classmethod
-    def _check_method(cls, method: str) -> str:
+    def _check_method(cls, method: str, info: ValidationInfo) -> str:
         if method not in METHODS:
             raise ValueError(
                 f"unknown method {method!r} ({did_you_mean(method, sorted(METHODS), 'choose one of')})"
             )
+        if "models" in info.data:
+            METHODS[method].check_task_count(len(info.data["models"]))
         return method
 
     @field_validator("parameters")

@@ -21,6 +21,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from hubmerge import fused
 from hubmerge.distributed import Group
+from hubmerge.methods.registry import PieceVector
 from hubmerge.nonfinite import NonfiniteCounts
 from hubmerge.planning import MergeJob, Rows, piece_entries, row_blocks
 
@@ -79,13 +80,17 @@ class Stream:
         """This process's share of the pieces of `keys` (all of them when it runs alone), in key order;
         with `stride`, every stride-th piece of that share."""
         infos = self.job.base.infos
-        blocks = [
-            (k, rows)
-            for k in keys
-            for rows in ([None] if whole else row_blocks(infos[k], self.block_entries))
-        ]
+        blocks = [(k, rows) for k in keys for rows in ([None] if whole else self.piece_rows(k))]
         sizes = [piece_entries(infos[k], rows) for k, rows in blocks]
         return [blocks[i] for i in self.group.shard(sizes)][::stride]
+
+    def piece_rows(self, key: str) -> list[Rows]:
+        """The row ranges of tensor `key`'s pieces; a 1-D tensor is one piece where the method needs whole
+        rows."""
+        vector, info = self.job.spec.vector, self.job.base.infos[key]
+        if isinstance(vector, PieceVector) and vector.whole_rows and len(info.shape) == 1:
+            return [None]
+        return row_blocks(info, self.block_entries)
 
     def pieces(
         self, description: str, keys: list[str], whole: bool = False, stride: int = 1

@@ -42,7 +42,12 @@ def test_breadcrumbs_equals_the_sorted_band(tmp_path, method, block_entries):
         thetas.append({k: v + (i + 1) * 0.01 * torch.randn(v.shape, generator=gen) for k, v in base.items()})
         save_file(thetas[-1], tmp_path / f"m{i}.safetensors")
     weights = [1.0, 0.6, 1.4]
-    params = {"density": 0.6, "gamma": 0.05, "weight": dict(zip(["m0", "m1", "m2"], weights)), "lambda": 0.9}
+    params = {
+        "density": 0.6,
+        "gamma": 0.05,
+        "weight": dict(zip(["m0", "m1", "m2"], weights, strict=True)),
+        "lambda": 0.9,
+    }
     recipe = parse_recipe(
         {
             "version": 1,

@@ -60,7 +60,11 @@ def test_dare_linear_keeps_density_and_rescales(tmp_path, inputs):
     delta = out["w"] - base["w"]
     kept = delta != 0
     assert abs(kept.float().mean().item() - density) < 0.01
-    torch.testing.assert_close(delta[kept] * density, tau[kept], rtol=1e-4, atol=1e-6)
+    # rescaled as mergekit does: back to the task vector's L1 norm over the tensor (about 1/density)
+    ratio = tau.abs().sum(dtype=torch.float64) / tau[kept].abs().sum(dtype=torch.float64)
+    assert abs(ratio.item() * density - 1) < 0.02
+    torch.testing.assert_close(delta[kept], tau[kept] * ratio.item(), rtol=1e-5, atol=5e-7)  # θ0 + δ rounds
+    torch.testing.assert_close(delta.abs().sum(), tau.abs().sum(), rtol=1e-5, atol=0)
     keep = bernoulli_keep(3, "w", 0, 0, density, tau.numel(), torch.device("cpu")).reshape(tau.shape)
     assert torch.equal(kept, keep & (tau != 0))
 
@@ -72,9 +76,13 @@ def test_dare_ties_equals_a_direct_computation(tmp_path, inputs):
     out = merged(tmp_path, "dare_ties", params)
     for key in base:
         taus = [(theta[key] - base[key]).reshape(-1) for theta in thetas]
-        dropped = [
-            tau * bernoulli_keep(11, key, t, 0, 0.5, tau.numel(), torch.device("cpu")) / 0.5
+        kept = [
+            tau * bernoulli_keep(11, key, t, 0, 0.5, tau.numel(), torch.device("cpu"))
             for t, tau in enumerate(taus)
+        ]
+        dropped = [
+            k * (tau.abs().sum(dtype=torch.float64) / k.abs().sum(dtype=torch.float64)).item()
+            for tau, k in zip(taus, kept, strict=True)
         ]
         expected = base[key] + 0.7 * mix(dropped, list(weights.values()), True, True).reshape(base[key].shape)
         torch.testing.assert_close(out[key], expected, rtol=0, atol=1e-6)

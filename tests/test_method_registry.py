@@ -112,7 +112,7 @@ def test_fused_backend_cannot_skip_a_vector_kind_it_does_not_know():
         pytest.skip("the fused kernels do not compile here")
     spec = MergeSpec("x", "merged", UnknownVector())  # type: ignore[arg-type]
     base, thetas = torch.zeros(16), [torch.ones(16), torch.ones(16)]
-    with pytest.raises(AssertionError, match="unreachable|UnknownVector"):
+    with pytest.raises(AssertionError, match=r"unreachable|UnknownVector"):
         FusedBackend(spec, Tally(spec, 2)).computes(base, thetas)
 
 
@@ -121,7 +121,7 @@ def test_torch_backend_cannot_skip_a_vector_kind_it_does_not_know(tmp_path):
     job = prepare(recipe(tmp_path, "task_arithmetic"))
     job.spec = MergeSpec("x", "merged", UnknownVector())  # type: ignore[arg-type]
     backend = TorchBackend(job, Tally(job.spec, 3), stream=None)  # type: ignore[arg-type]
-    with pytest.raises(AssertionError, match="unreachable|UnknownVector"):
+    with pytest.raises(AssertionError, match=r"unreachable|UnknownVector"):
         backend.compute("w", 0, torch.zeros(8), [torch.ones(8)] * 3)
     job.close()
 

@@ -8,6 +8,8 @@ whole; entries tied with a threshold are all kept (mergekit breaks such ties by 
 
 from __future__ import annotations
 
+from functools import partial
+
 import torch
 from pydantic import Field
 
@@ -15,10 +17,10 @@ from hubmerge.methods.generalized import (
     PerTaskWeight,
     Weight,
     check_per_task,
-    mix,
+    generalized_vector,
     per_task,
 )
-from hubmerge.methods.registry import Citation, MergeSpec, Method, Params, Piece, PieceVector, register
+from hubmerge.methods.registry import Citation, MergeSpec, Method, Params, Piece, register
 
 CITATION = Citation(
     "MohammadReza Davari, Eugene Belilovsky. "
@@ -34,10 +36,13 @@ CITATION = Citation(
 
 class BreadcrumbsParams(Params):
     weight: PerTaskWeight = Field(1.0, description="w_t, each task vector's weight: a number or {task: w}")
-    density: float = Field(0.9, gt=0, le=1, description="share of each tensor's entries kept per task")
+    density: float = Field(1.0, gt=0, le=1, description="share of each tensor's entries kept per task (1: all)")
     gamma: float = Field(0.01, ge=0, lt=1, description="share of each tensor's largest |τ_t| dropped")
     scaling: Weight = Field(1.0, alias="lambda", description="λ, multiplies the merged vector")
     normalize: bool = Field(False, description="divide by the sum of the weights that took part")
+    rescale: bool = Field(
+        False, description="scale what is kept back to the task vector's L1 norm per tensor"
+    )
 
 
 def band(count: int, density: float, gamma: float) -> tuple[int, int]:
@@ -75,18 +80,18 @@ def in_band(tau: torch.Tensor, lower: float | None, upper: float | None) -> torc
 def plan(
     params: BreadcrumbsParams, task_names: list[str], name: str = "breadcrumbs", consensus: bool = False
 ) -> MergeSpec:
-    weights = per_task(params.weight, task_names)
-
-    def compute(piece: Piece) -> torch.Tensor:
+    def sparsify(piece: Piece, task: int, tau: torch.Tensor) -> torch.Tensor:
         lower, upper = piece.thresholds
-        deltas = [in_band(tau, lo, hi) for tau, lo, hi in zip(piece.taus, lower, upper, strict=True)]
-        return mix(deltas, weights, consensus, params.normalize)
+        return in_band(tau, lower[task], upper[task])
 
     ranks = (
-        lambda count: lower_rank(count, params.density, params.gamma),
-        lambda count: upper_rank(count, params.density, params.gamma),
+        partial(lower_rank, density=params.density, gamma=params.gamma),
+        partial(upper_rank, density=params.density, gamma=params.gamma),
     )
-    return MergeSpec(name, "merged", PieceVector(compute, tensor_ranks=ranks), scaling=params.scaling)
+    vector = generalized_vector(
+        sparsify, per_task(params.weight, task_names), consensus, params.normalize, params.rescale, ranks
+    )
+    return MergeSpec(name, "merged", vector, scaling=params.scaling)
 
 
 register(

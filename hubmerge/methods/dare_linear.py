@@ -1,12 +1,16 @@
 """DARE (Yu et al., 2024, "Language Models are Super Mario"): drop each entry of each task vector at random,
-keeping it with probability `density`, rescale the kept ones by 1/density, then take the weighted sum.
+keeping it with probability `density`, rescale what is kept, then take the weighted sum.
 
-The random stream is keyed by (seed, tensor, task, entry index) (`generalized.keyed_uniform`), so any number
-of processes, any piece size and any device give the same bytes. `dare_ties` adds the sign consensus.
+As in mergekit, `rescale` scales each task's kept entries back to the L1 norm its task vector had over the
+tensor (a statistics pass), rather than by 1/density. The random stream is keyed by (seed, tensor, task,
+entry index) (`generalized.keyed_uniform`), so any number of processes, any piece size and any device give
+the same bytes; mergekit draws from torch's global generator, so its bytes cannot be reproduced.
+`dare_ties` adds the sign consensus.
 """
 
 from __future__ import annotations
 
+import torch
 from pydantic import Field
 
 from hubmerge.methods.generalized import (
@@ -15,10 +19,10 @@ from hubmerge.methods.generalized import (
     Weight,
     bernoulli_keep,
     check_per_task,
-    mix,
+    generalized_vector,
     per_task,
 )
-from hubmerge.methods.registry import Citation, MergeSpec, Method, Params, Piece, PieceVector, register
+from hubmerge.methods.registry import Citation, MergeSpec, Method, Params, Piece, register
 
 CITATION = Citation(
     "Le Yu, Bowen Yu, Haiyang Yu, Fei Huang, Yongbin Li. "
@@ -34,36 +38,38 @@ CITATION = Citation(
 
 class DareParams(Params):
     weight: PerTaskWeight = Field(1.0, description="w_t, each task vector's weight: a number or {task: w}")
-    density: PerTaskDensity = Field(1.0, description="share of each task vector's entries kept at random")
+    density: PerTaskDensity = Field(
+        1.0, description="probability of keeping each entry: a number or {task: p}"
+    )
     scaling: Weight = Field(1.0, alias="lambda", description="λ, multiplies the merged vector")
     normalize: bool = Field(False, description="divide by the sum of the weights that took part")
-    rescale: bool = Field(True, description="divide the kept entries by density (DARE's rescaling)")
+    rescale: bool = Field(True, description="scale what is kept back to the task vector's L1 norm per tensor")
     seed: int = Field(0, description="seed of the keyed random stream")
 
 
-def dare(piece: Piece, densities: tuple[float, ...], rescale: bool, seed: int) -> list:
-    """Each task vector of the piece with entries dropped at random (kept with probability density_t), the
-    kept ones divided by density_t if `rescale`."""
-    dropped = []
-    for task, (tau, density) in enumerate(zip(piece.taus, densities, strict=True)):
-        if density >= 1:
-            dropped.append(tau)
-            continue
-        keep = bernoulli_keep(seed, piece.key, task, piece.start, density, tau.numel(), tau.device)
-        kept = tau * keep
-        dropped.append(kept / density if rescale else kept)
-    return dropped
+def random_drop(densities: tuple[float, ...], seed: int):
+    """Keep each entry of task t with probability density_t, from the keyed stream."""
+
+    def sparsify(piece: Piece, task: int, tau: torch.Tensor) -> torch.Tensor:
+        if densities[task] >= 1:
+            return tau
+        keep = bernoulli_keep(seed, piece.key, task, piece.start, densities[task], tau.numel(), tau.device)
+        return tau * keep
+
+    return sparsify
 
 
 def plan(
     params: DareParams, task_names: list[str], name: str = "dare_linear", consensus: bool = False
 ) -> MergeSpec:
-    weights, densities = per_task(params.weight, task_names), per_task(params.density, task_names)
-
-    def compute(piece: Piece):
-        return mix(dare(piece, densities, params.rescale, params.seed), weights, consensus, params.normalize)
-
-    return MergeSpec(name, "merged", PieceVector(compute), scaling=params.scaling)
+    vector = generalized_vector(
+        random_drop(per_task(params.density, task_names), params.seed),
+        per_task(params.weight, task_names),
+        consensus,
+        params.normalize,
+        params.rescale,
+    )
+    return MergeSpec(name, "merged", vector, scaling=params.scaling)
 
 
 register(
@@ -71,7 +77,7 @@ register(
         "dare_linear",
         DareParams,
         "merged",
-        "θ0 + λ·Σ_t w_t·DARE(τ_t), DARE = random keep at density, rescaled by 1/density",
+        "θ0 + λ·Σ_t w_t·DARE(τ_t): random keep at density, rescaled to τ_t's L1 norm",
         "DARE: drop task-vector entries at random and rescale, then add the weighted vectors",
         plan=plan,
         searchable=("scaling",),

@@ -5,21 +5,14 @@ from __future__ import annotations
 
 from functools import partial
 
-from pydantic import Field
-
 from hubmerge.methods.dare_linear import CITATION, DareParams, plan
 from hubmerge.methods.generalized import check_per_task
 from hubmerge.methods.registry import Method, register
 
-
-class DareTiesParams(DareParams):
-    normalize: bool = Field(False, description="divide by the sum of the weights that took part")
-
-
 register(
     Method(
         "dare_ties",
-        DareTiesParams,
+        DareParams,
         "merged",
         "θ0 + λ·Σ_t w_t·DARE(τ_t) over the entries agreeing with sign(Σ_t w_t·DARE(τ_t))",
         "DARE-TIES: DARE's random drop and rescale, then TIES's sign consensus",

@@ -8,13 +8,14 @@ Parameters that mergekit sets per model (`weight`, `density`, ...) are a number 
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Sequence
+import math
+from collections.abc import Callable, Sequence
 from typing import Annotated
 
 import torch
 from pydantic import Field
 
-from hubmerge.methods.registry import Params
+from hubmerge.methods.registry import Params, Piece, PieceVector
 from hubmerge.methods.task_arithmetic import sum_in_task_order
 
 Weight = Annotated[float, Field(allow_inf_nan=False)]
@@ -143,3 +144,113 @@ def bernoulli_keep(
     if isinstance(probability, float):
         return u < round(probability * 2**32)
     return u < (probability.double() * 2**32).round().to(torch.int64)
+
+
+# mergekit's `rescale`: a sparsified task vector is scaled back to the L1 norm it had, per tensor, unless
+# either norm is below this
+RESCALE_EPS = 1e-7
+# Drops entries of one task's τ of a piece: (piece, task index, τ_t) → the sparsified τ_t
+Sparsify = Callable[[Piece, int, torch.Tensor], torch.Tensor]
+
+
+def generalized_vector(
+    sparsify: Sparsify,
+    weights: Sequence[float],
+    consensus: bool,
+    normalize: bool,
+    rescale: bool,
+    tensor_ranks: tuple[Callable[[int], int], ...] = (),
+) -> PieceVector:
+    """The piece function of a generalized task arithmetic method.
+
+    Args:
+        sparsify: drops entries of each task vector.
+        weights: w_t per task.
+        consensus: keep only entries agreeing with the elected sign.
+        normalize: divide by the weights that took part.
+        rescale: scale each sparsified τ_t back to τ_t's L1 norm over the tensor (a statistics pass).
+        tensor_ranks: the per-tensor thresholds `sparsify` reads from the piece.
+    """
+
+    def sparsified(piece: Piece) -> list[torch.Tensor]:
+        return [sparsify(piece, task, tau) for task, tau in enumerate(piece.taus)]
+
+    def l1_norms(piece: Piece) -> torch.Tensor:
+        """[T, 2]: Σ|τ_t| and Σ|sparsified τ_t| of the piece."""
+        return torch.tensor(
+            [
+                [float(tau.abs().sum(dtype=torch.float64)), float(kept.abs().sum(dtype=torch.float64))]
+                for tau, kept in zip(piece.taus, sparsified(piece), strict=True)
+            ],
+            dtype=torch.float64,
+        )
+
+    def compute(piece: Piece) -> torch.Tensor:
+        deltas = sparsified(piece)
+        if rescale:
+            deltas = [
+                l1_rescaled(delta, *piece.statistics[task].tolist()) for task, delta in enumerate(deltas)
+            ]
+        return mix(deltas, weights, consensus, normalize)
+
+    return PieceVector(compute, tensor_ranks=tensor_ranks, statistics=l1_norms if rescale else None)
+
+
+def l1_rescaled(kept: torch.Tensor, before: float, after: float) -> torch.Tensor:
+    """`kept` scaled by before/after, the L1 norms of the task vector before and after sparsifying it over
+    the whole tensor; unchanged when either is below RESCALE_EPS."""
+    if before < RESCALE_EPS or after < RESCALE_EPS:
+        return kept
+    return kept * (before / after)
+
+
+def group_sums(piece: Piece, vectors: list[torch.Tensor], groups: str) -> torch.Tensor:
+    """Σ v_i·v_j over each group of entries, for every pair i ≤ j of `vectors` (flat float32 pieces):
+    a float64 [G, P] tensor with zeros for the groups outside this piece, so that adding it up over the pieces
+    gives the tensor's sums.
+
+    Args:
+        piece: where the vectors lie in their tensor.
+        vectors: flat pieces, one per vector.
+        groups: `tensor` (one group), `row` (rows along the last dimension) or `column` (the entries that
+            share every index but the first).
+    """
+    groups = "tensor" if groups == "row" and len(piece.shape) < 2 else groups  # a 1-D tensor is one row
+    pairs = [(i, j) for i in range(len(vectors)) for j in range(i, len(vectors))]
+    stacked = torch.stack([vectors[i].double() * vectors[j].double() for i, j in pairs], dim=-1)
+    numel = math.prod(piece.shape)
+    if groups == "tensor":
+        return stacked.sum(dim=0, keepdim=True)
+    if groups == "row":
+        width = piece.row_length
+        sums = torch.zeros(
+            max(numel // max(width, 1), 1), len(pairs), dtype=torch.float64, device=stacked.device
+        )
+        rows = stacked.reshape(-1, width, len(pairs)).sum(dim=1)
+        first = piece.start // width
+        sums[first : first + rows.shape[0]] = rows
+        return sums
+    if groups == "column":
+        width = numel // piece.shape[0] if piece.shape else 1
+        return stacked.reshape(-1, width, len(pairs)).sum(dim=0)
+    raise ValueError(f"unknown grouping {groups!r}")
+
+
+def pair_index(count: int) -> dict[tuple[int, int], int]:
+    """Column of each pair i ≤ j in `group_sums`'s output."""
+    pairs = [(i, j) for i in range(count) for j in range(i, count)]
+    return {pair: column for column, pair in enumerate(pairs)}
+
+
+def per_entry(values: torch.Tensor, piece: Piece, groups: str, count: int) -> torch.Tensor:
+    """Per-group values spread over the `count` entries of the piece (float32), as `group_sums` groups."""
+    values = values.float()
+    groups = "tensor" if groups == "row" and len(piece.shape) < 2 else groups
+    if groups == "tensor":
+        return values.expand(count) if values.numel() == 1 else values.reshape(-1)[:1].expand(count)
+    if groups == "row":
+        width = piece.row_length
+        first = piece.start // width
+        return values[first : first + count // width].repeat_interleave(width)
+    width = math.prod(piece.shape) // piece.shape[0] if piece.shape else 1
+    return values.repeat(count // width)

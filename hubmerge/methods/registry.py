@@ -110,11 +110,14 @@ class PieceVector:
         statistics: sums over a piece that `compute` needs over the whole tensor (float64 vector; a pass of
             its own before the output pass, each process taking whole tensors so sums do not depend on the
             process count).
+        whole_rows: `compute` needs every row whole, a 1-D tensor being one row: 1-D tensors are then not
+            cut into pieces (matrices never cut a row).
     """
 
     compute: Callable[[Piece], torch.Tensor]
     tensor_ranks: tuple[Callable[[int], int], ...] = ()
     statistics: Callable[[Piece], torch.Tensor] | None = None
+    whole_rows: bool = False
 
 
 Vector = SumVector | TiesVector | NoVector | PieceVector
@@ -236,12 +239,12 @@ class Method:
             where = ".".join(str(p) for p in first["loc"] if not any(c in str(p) for c in "-[("))
             msg = "unknown parameter" if first["type"] == "extra_forbidden" else first["msg"]
             raise ValueError(f"parameters.{where}: {msg} (method {self.name})") from None
-        self._check_task_count(len(task_names))
         if self.check is not None:
             self.check(params, task_names)
         return params
 
-    def _check_task_count(self, t: int) -> None:
+    def check_task_count(self, t: int) -> None:
+        """Raise ValueError when the method cannot merge t fine-tuned models."""
         if t >= self.min_tasks and (self.max_tasks is None or t <= self.max_tasks):
             return
         if self.max_tasks == self.min_tasks:
@@ -250,12 +253,14 @@ class Method:
             wanted = f"at least {self.min_tasks}"
         else:
             wanted = f"{self.min_tasks} to {self.max_tasks}"
-        raise ValueError(f"models: {self.name} takes {wanted} fine-tuned models, the recipe has {t}")
+        plural = "" if wanted.endswith(" 1") else "s"
+        raise ValueError(f"{self.name} takes {wanted} fine-tuned model{plural}, the recipe has {t}")
 
     def validate(self, raw: dict[str, Any], task_names: list[str]) -> None:
         self.parse(raw, task_names)
 
     def spec(self, raw: dict[str, Any], task_names: list[str]) -> MergeSpec:
+        self.check_task_count(len(task_names))
         return self.plan(self.parse(raw, task_names), task_names)
 
     def resolved_parameters(self, raw: dict[str, Any], task_names: list[str]) -> dict[str, Any]:
