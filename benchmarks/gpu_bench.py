@@ -36,7 +36,15 @@ from safetensors.torch import save_file
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from benchmarks.synthetic import DTYPES, LlamaConfig, cat_seconds, cpu_model, proc_fields, shard_plan
+from benchmarks.synthetic import (
+    DTYPES,
+    LlamaConfig,
+    cat_seconds,
+    cpu_model,
+    proc_fields,
+    shard_plan,
+    write_index_and_config,
+)
 
 REPO = Path(__file__).resolve().parent.parent
 CACHE = REPO / ".cache" / "bench" / "gpu"
@@ -122,21 +130,7 @@ def write_checkpoint(
             pending.pop(0).result()
     for done in pending:
         done.result()
-    index = {"metadata": {"total_size": cfg.nbytes}, "weight_map": weight_map}
-    (directory / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
-    config = {
-        "architectures": ["LlamaForCausalLM"],
-        "model_type": "llama",
-        "vocab_size": cfg.vocab,
-        "hidden_size": cfg.hidden,
-        "intermediate_size": cfg.intermediate,
-        "num_hidden_layers": cfg.layers,
-        "num_attention_heads": cfg.heads,
-        "num_key_value_heads": cfg.heads,
-        "torch_dtype": cfg.dtype,
-        "tie_word_embeddings": False,
-    }
-    (directory / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+    write_index_and_config(directory, cfg, weight_map)
 
 
 def inputs(cfg: LlamaConfig, tasks: int, cache: Path) -> list[Path]:

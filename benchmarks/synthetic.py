@@ -133,6 +133,11 @@ def write_model(cfg: LlamaConfig, directory: Path, task: int | None) -> None:
         }
         save_file(tensors, str(directory / file), metadata={"format": "pt"})
         weight_map.update(dict.fromkeys(tensors, file))
+    write_index_and_config(directory, cfg, weight_map)
+
+
+def write_index_and_config(directory: Path, cfg: LlamaConfig, weight_map: dict[str, str]) -> None:
+    """The shard index and the Llama config.json of a generated checkpoint."""
     index = {"metadata": {"total_size": cfg.nbytes}, "weight_map": weight_map}
     (directory / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
     config = {

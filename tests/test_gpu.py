@@ -38,6 +38,7 @@ from hubmerge import parse_recipe, run_recipe
 from hubmerge.distributed import SINGLE, Group, join, join_launched, leave
 from hubmerge.methods import METHODS
 from hubmerge.sources import Checkpoint
+from tests.test_distributed import files_of
 from tests.tiny_models import bert_config, perturb_
 
 TASKS = ["t0", "t1", "t2", "t3"]  # a method takes 3 of them, or as many as it can take
@@ -114,14 +115,6 @@ def merge(recipe, output: Path, device: str | torch.device, group: Group = SINGL
         max_shard_size="100KB",  # several shards
         model_card=False,
     ).output
-
-
-def files_of(directory: Path) -> dict[str, bytes]:
-    return {
-        str(p.relative_to(directory)): p.read_bytes()
-        for p in sorted(directory.rglob("*"))
-        if p.is_file() and p.name not in ("hubmerge.json", "README.md")  # README: written from hubmerge.json
-    }
 
 
 def record_of(directory: Path) -> dict:
