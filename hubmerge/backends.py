@@ -109,8 +109,13 @@ class TorchBackend:
             thetas=thetas,
             taus=taus,
             thresholds=self.tally.tensor_thresholds_for(key),
-            statistics=self.tally.tensor_sums.get(key),
+            statistics=self._tensor_sums(key, base.device),
         )
+
+    def _tensor_sums(self, key: str, device: torch.device) -> torch.Tensor | None:
+        """The method's per-tensor sums on the compute device (they are gathered on the CPU)."""
+        sums = self.tally.tensor_sums.get(key)
+        return None if sums is None else sums.to(device)
 
     def _ties_vector(self, key: str, taus: list[torch.Tensor]) -> torch.Tensor:
         trimmed = trim(taus, self.tally.thresholds_for(key))
