@@ -13,13 +13,27 @@ __version__ = "0.1.0"
 
 if TYPE_CHECKING:
     from hubmerge.compressed import CompressedMerge
-    from hubmerge.errors import HubmergeError
+    from hubmerge.errors import (
+        ArtifactFormatError,
+        HubAccessError,
+        HubmergeError,
+        OutputError,
+        RecipeError,
+        SourceError,
+    )
     from hubmerge.recipe import Recipe, load_recipe, parse_recipe
+    from hubmerge.record import RunRecord
     from hubmerge.run import run_recipe
 
 _HOMES = {
     "CompressedMerge": "hubmerge.compressed",
     "HubmergeError": "hubmerge.errors",
+    "RecipeError": "hubmerge.errors",
+    "SourceError": "hubmerge.errors",
+    "HubAccessError": "hubmerge.errors",
+    "ArtifactFormatError": "hubmerge.errors",
+    "OutputError": "hubmerge.errors",
+    "RunRecord": "hubmerge.record",
     "Recipe": "hubmerge.recipe",
     "load_recipe": "hubmerge.recipe",
     "parse_recipe": "hubmerge.recipe",
@@ -27,9 +41,15 @@ _HOMES = {
 }
 
 __all__ = [
+    "ArtifactFormatError",
     "CompressedMerge",
+    "HubAccessError",
     "HubmergeError",
+    "OutputError",
     "Recipe",
+    "RecipeError",
+    "RunRecord",
+    "SourceError",
     "__version__",
     "load_recipe",
     "parse_recipe",

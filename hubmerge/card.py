@@ -8,8 +8,10 @@ from typing import Any
 
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
-from hubmerge.artifacts import MANIFEST, RECIPE_FILE
+from hubmerge.artifacts import RECIPE_FILE
 from hubmerge.methods import METHODS
+from hubmerge.output import read_record
+from hubmerge.record import Evaluation, RunRecord, SearchRecord, Storage
 
 CARD_FILE = "README.md"
 PLOT_FILE = "mask_agreement.png"
@@ -125,59 +127,56 @@ def _share(part: int, whole: int) -> str:
     return f"{100 * part / whole:.2f} %" if whole else "n/a"
 
 
-def histogram_rows(record: dict[str, Any]) -> list[tuple[int, int, str, int]]:
-    stats = record.get("stats", {})
-    hist = stats.get("agreement_histogram")
+def histogram_rows(record: RunRecord) -> list[tuple[int, int, str, int]]:
+    hist = record.stats.agreement_histogram
     if not hist:
         return []
     total = sum(hist)
-    active = stats["agreement_histogram_active"]
+    active = record.stats.agreement_histogram_active or []
     return [(c, n, _share(n, total), active[c]) for c, n in enumerate(hist)]
 
 
 SHORT_DTYPES = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}
 
 
-def storage_rows(storage: dict[str, Any]) -> list[tuple[str, int, str]]:
+def storage_rows(storage: Storage) -> list[tuple[str, int, str]]:
     """(what, bits, ratio to T fp32 fine-tuned copies) rows of the storage table, parts first."""
-    reference = storage["finetuned_fp32_bits"]
-    d, t = storage["parameters"], storage["tasks"]
-    width = SHORT_DTYPES[storage.get("vector_dtype", "float32")]
+    reference = storage.finetuned_fp32_bits
+    d, t = storage.parameters, storage.tasks
+    width = SHORT_DTYPES[storage.vector_dtype]
     rows = []
-    if "private_bits" in storage:
-        vector = storage["artifact_bits"] - d * t - storage["private_bits"]
+    if storage.private_bits is not None:
+        vector = storage.artifact_bits - d * t - storage.private_bits
         rows += [
-            (f"τ_MTL ({width}, P′ entries)" if storage["paper_bits"] else f"kept τ values ({width})", vector),
+            (f"τ_MTL ({width}, P′ entries)" if storage.paper_bits else f"kept τ values ({width})", vector),
             ("masks (1 bit per entry per task, T·P′)", d * t),
             (
-                f"tasks' own tensors (heads, ...: F = {storage['private_entries']:,} entries)",
-                storage["private_bits"],
+                f"tasks' own tensors (heads, ...: F = {storage.private_entries or 0:,} entries)",
+                storage.private_bits,
             ),
         ]
-    rows.append(
-        (
-            f"this artifact (base referenced; {storage.get('artifact_bits_per_task', storage['artifact_bits'] / t):,.0f} bits per task)",
-            storage["artifact_bits"],
-        )
-    )
-    if storage.get("paper_bits"):
+    per_task = storage.artifact_bits_per_task
+    if per_task is None:
+        per_task = storage.artifact_bits / t
+    rows.append((f"this artifact (base referenced; {per_task:,.0f} bits per task)", storage.artifact_bits))
+    if storage.paper_bits:
         rows.append(
-            ("paper's accounting (App. C): (64+T)·P′ + 32·F, frozen entries included", storage["paper_bits"])
+            ("paper's accounting (App. C): (64+T)·P′ + 32·F, frozen entries included", storage.paper_bits)
         )
     rows.append(("T fine-tuned copies, fp32", reference))
-    if storage.get("finetuned_stored_bits"):
-        rows.append(("T fine-tuned copies, as stored", storage["finetuned_stored_bits"]))
+    if storage.finetuned_stored_bits:
+        rows.append(("T fine-tuned copies, as stored", storage.finetuned_stored_bits))
     return [(name, bits, f"{bits / reference:.3f}×") for name, bits in rows]
 
 
-def hub_ids(record: dict[str, Any]) -> list[str]:
+def hub_ids(record: RunRecord) -> list[str]:
     """The Hub repos a merge comes from (base first), as the Hub expects them in `base_model`."""
-    sources = [record["base"], *record["tasks"]]
-    return list(dict.fromkeys(s["location"] for s in sources if s.get("revision")))
+    sources = [record.base, *record.tasks]
+    return list(dict.fromkeys(s.location for s in sources if s.revision and s.location))
 
 
 def build_card(
-    record: dict[str, Any], recipe_yaml: str, *, repo_id: str | None = None, exported: list[str] | None = None
+    record: RunRecord, recipe_yaml: str, *, repo_id: str | None = None, exported: list[str] | None = None
 ) -> ModelCard:
     """The README.md of an output, from its run record and the resolved recipe.
 
@@ -187,17 +186,17 @@ def build_card(
         repo_id: the Hub repo the card is for, shown in the usage snippets.
         exported: tasks whose materialized models sit in subfolders.
     """
-    compressed = record["result"] == "compressed"
-    open_clip = record.get("library") == "open_clip"
-    inherited = record.get("base_card", {})
+    compressed = record.compressed
+    open_clip = record.library == "open_clip"
+    inherited = record.base_card
     if compressed or open_clip:
         library = "hubmerge" if compressed else "open_clip"
     else:
-        library = "transformers" if record.get("has_config") else None
+        library = "transformers" if record.has_config else None
     data = ModelCardData(
         base_model=hub_ids(record) or None,
         library_name=library,
-        tags=["merge", "hubmerge", record["method"]],
+        tags=["merge", "hubmerge", record.method],
         license=inherited.get("license"),
         license_name=inherited.get("license_name"),
         license_link=inherited.get("license_link"),
@@ -205,25 +204,32 @@ def build_card(
     )
     if data.base_model:
         data.base_model_relation = "merge"
-    evaluation = record.get("evaluation")
+    evaluation = record.evaluation
     if evaluation:
-        data.model_name = repo_id or f"{record['method']} merge"
-        data.eval_results = eval_results(evaluation, record["method"])
-    sources = [{"role": "base", "name": "base", **record["base"]}] + [
-        {"role": "task", **t} for t in record["tasks"]
+        data.model_name = repo_id or f"{record.method} merge"
+        data.eval_results = eval_results(evaluation, record.method)
+    sources = [
+        {
+            "role": role,
+            "name": name,
+            "location": source.location,
+            "revision": f"`{source.revision}`" if source.revision else "local",
+        }
+        for role, name, source in [
+            ("base", "base", record.base),
+            *(("task", task.name, task) for task in record.tasks),
+        ]
     ]
-    for s in sources:
-        s["revision"] = f"`{s['revision']}`" if s.get("revision") else "local"
-    t = len(record["tasks"])
+    t = len(record.tasks)
     where = repo_id or "<this repo or directory>"
     if compressed:
         summary = (
-            f"A compressed merge of {t} fine-tuned models of one base with `{record['method']}`: one merged task "
+            f"A compressed merge of {t} fine-tuned models of one base with `{record.method}`: one merged task "
             "vector τ_MTL plus one binary mask per task, from which each task's model is rebuilt as "
             "θ0 + m_t ⊙ τ_MTL."
         )
-        first = record["tasks"][0]["name"]
-        tasks = [x["name"] for x in record["tasks"]]
+        tasks = record.task_names
+        first = tasks[0]
         other = tasks[1] if len(tasks) > 1 else first
         usage = (
             "from hubmerge import CompressedMerge  # pip install hubmerge\n\n"
@@ -233,7 +239,7 @@ def build_card(
             f"# or a directory: hubmerge materialize {where} --task {first} --output {first}-model"
         )
     else:
-        summary = f"{t} fine-tuned models of one base merged with `{record['method']}` into one model."
+        summary = f"{t} fine-tuned models of one base merged with `{record.method}` into one model."
         if open_clip:
             schema = "hf-hub:" if repo_id else "local-dir:"
             usage = (
@@ -243,13 +249,13 @@ def build_card(
         else:
             usage = (
                 f'from transformers import AutoModel\n\nmodel = AutoModel.from_pretrained("{where}")'
-                if record.get("has_config")
+                if record.has_config
                 else ""
             )
     consensus_note = ""
-    stats = record.get("stats", {})
-    if record["method"] == "consensus" and stats.get("agreement_histogram"):
-        hist, k = stats["agreement_histogram"], record["parameters"]["k"]
+    hist = record.stats.agreement_histogram
+    if record.method == "consensus" and hist:
+        k = record.parameters["k"]
         removed = sum(hist[:k])
         consensus_note = (
             f"Consensus with k = {k} keeps entries selected by at least {k} task masks: it removes "
@@ -259,76 +265,80 @@ def build_card(
     return ModelCard.from_template(
         data,
         template_str=TEMPLATE,
-        title=f"{record['method']} merge of {t} models",
+        title=f"{record.method} merge of {t} models",
         summary=summary,
         sources=sources,
-        method=record["method"],
-        method_summary=METHODS[record["method"]].summary,
-        parameters=[(k, json.dumps(v, ensure_ascii=False)) for k, v in record["parameters"].items()],
-        d=record["parameters_counted"],
+        method=record.method,
+        method_summary=METHODS[record.method].summary,
+        parameters=[(k, json.dumps(v, ensure_ascii=False)) for k, v in record.parameters.items()],
+        d=record.parameters_counted,
         usage=usage,
         repo=where,
         exported=exported or [],
         evaluation=_evaluation_view(evaluation),
-        search=_search_view(record.get("search")),
-        storage_rows=storage_rows(record["storage"]) if compressed else [],
+        search=_search_view(record.search),
+        storage_rows=storage_rows(record.storage) if record.storage is not None and compressed else [],
         histogram=histogram_rows(record),
         plot_file=PLOT_FILE,
         num_tasks=t,
         consensus_note=consensus_note,
-        nonfinite=record.get("nonfinite", []),
+        nonfinite=record.nonfinite or [],
         recipe=recipe_yaml,
-        citation=METHODS[record["method"]].citation,
-        version=record["hubmerge_version"],
+        citation=METHODS[record.method].citation,
+        version=record.hubmerge_version,
     )
 
 
 TASK_TYPES = {"clip_zero_shot": "image-classification"}
 
 
-def eval_results(evaluation: dict[str, Any], method: str) -> list[EvalResult]:
+def eval_results(evaluation: Evaluation, method: str) -> list[EvalResult]:
     """The merged model's score per task, as model-index entries the Hub shows."""
     results = []
-    for task, score in evaluation["rows"][method]["accuracy"].items():
-        dataset = evaluation["datasets"][task]
+    for task, score in evaluation.rows[method].accuracy.items():
+        dataset = evaluation.datasets[task]
         results.append(
             EvalResult(
-                task_type=TASK_TYPES.get(evaluation["head"], "text-classification"),
+                task_type=TASK_TYPES.get(evaluation.head, "text-classification"),
                 # local data has no Hub id; the task name keeps the Hub from merging tasks into one dataset
-                dataset_type=task if dataset["dataset"] == "local" else dataset["dataset"],
+                dataset_type=task if dataset.dataset == "local" else dataset.dataset,
                 dataset_name=task,
-                dataset_config=dataset["config"],
-                dataset_split=dataset["split"],
-                metric_type=evaluation["metric"],
+                dataset_config=dataset.config,
+                dataset_split=dataset.split,
+                metric_type=evaluation.metric,
                 metric_value=round(score, 6),
             )
         )
     return results
 
 
-def _evaluation_view(evaluation: dict[str, Any] | None) -> dict[str, Any] | None:
+def _evaluation_view(evaluation: Evaluation | None) -> dict[str, Any] | None:
     if not evaluation:
         return None
-    rows = list(evaluation["rows"].items())
-    return {**evaluation, "tasks": list(evaluation["datasets"]), "rows": rows}
+    return {
+        "metric": evaluation.metric,
+        "split": evaluation.split,
+        "head": evaluation.head,
+        "tasks": list(evaluation.datasets),
+        "rows": list(evaluation.rows.items()),
+    }
 
 
-def _search_view(search: dict[str, Any] | None) -> dict[str, Any] | None:
+def _search_view(search: SearchRecord | None) -> dict[str, Any] | None:
     if not search:
         return None
-    chosen = ", ".join(f"{k} = {json.dumps(v)}" for k, v in search["chosen"].items())
-    return {"split": search["split"], "chosen": chosen}
+    chosen = ", ".join(f"{k} = {json.dumps(v)}" for k, v in search.chosen.items())
+    return {"split": search.split, "chosen": chosen}
 
 
-def plot_agreement(record: dict[str, Any], path: Path) -> None:
+def plot_agreement(record: RunRecord, path: Path) -> None:
     """Bar chart of the mask agreement histogram (all entries, and those with some nonzero τ_t) as a PNG."""
     import matplotlib
 
     matplotlib.use("Agg")  # no display; must precede pyplot
     from matplotlib import pyplot as plt
 
-    stats = record["stats"]
-    hist, active = stats["agreement_histogram"], stats["agreement_histogram_active"]
+    hist, active = record.stats.agreement_histogram or [], record.stats.agreement_histogram_active or []
     total = sum(hist)
     counts = range(len(hist))
     # Wide enough that the "catastrophic" and "selfish" labels of neighbouring bars do not overlap.
@@ -340,7 +350,7 @@ def plot_agreement(record: dict[str, Any], path: Path) -> None:
     ax.set_xticks(list(counts), [names.get(c, str(c)) for c in counts])
     ax.set_xlabel("number of task masks containing the entry")
     ax.set_ylabel("% of entries")
-    ax.set_title(f"{record['method']}: mask agreement over {total:,} entries")
+    ax.set_title(f"{record.method}: mask agreement over {total:,} entries")
     ax.legend()
     fig.tight_layout()
     # Without the version stamp the bytes depend on the data only, so a re-push uploads nothing new.
@@ -348,16 +358,16 @@ def plot_agreement(record: dict[str, Any], path: Path) -> None:
     plt.close(fig)
 
 
-def exported_tasks(directory: Path, record: dict[str, Any]) -> list[str]:
+def exported_tasks(directory: Path, record: RunRecord) -> list[str]:
     """Tasks whose materialized model is stored in a subfolder of the output."""
-    return [t["name"] for t in record["tasks"] if any((directory / t["name"]).glob("*.safetensors"))]
+    return [name for name in record.task_names if any((directory / name).glob("*.safetensors"))]
 
 
 def write_card(directory: Path, *, repo_id: str | None = None) -> None:
     """(Re)write README.md and the agreement plot of an output from its hubmerge.json and recipe."""
-    record = json.loads((directory / MANIFEST).read_text())
+    record = read_record(directory)
     recipe_yaml = (directory / RECIPE_FILE).read_text()
-    if record.get("stats", {}).get("agreement_histogram"):
+    if record.stats.agreement_histogram:
         plot_agreement(record, directory / PLOT_FILE)
     card = build_card(record, recipe_yaml, repo_id=repo_id, exported=exported_tasks(directory, record))
     card.save(directory / CARD_FILE)

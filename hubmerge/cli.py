@@ -18,7 +18,7 @@ import typer
 
 import hubmerge
 from hubmerge.cli_base import Command, Group
-from hubmerge.errors import HubmergeError
+from hubmerge.errors import HubmergeError, OutputError, RecipeError
 
 if TYPE_CHECKING:
     from rich.console import Console
@@ -348,10 +348,10 @@ def lock(
 
 def _legacy_push_order(first: str, second: str) -> tuple[str, str]:
     """(repo id, path): `hubmerge push OUTPUT_DIR REPO_ID`, the order of earlier versions, works with a warning."""
-    from hubmerge.output import MANIFEST
+    from hubmerge.output import is_hubmerge_output
     from hubmerge.recipe import is_hub_id
 
-    if (Path(first) / MANIFEST).is_file() and is_hub_id(second) and not Path(second).exists():
+    if is_hub_id(second) and not Path(second).exists() and is_hubmerge_output(Path(first)):
         print(
             f"warning: `hubmerge push OUTPUT REPO_ID` is deprecated; write `hubmerge push {second} {first}` "
             "(the order of `hf upload`)",
@@ -422,7 +422,9 @@ def push_command(
     except ValidationError as err:
         first = err.errors()[0]
         field = ".".join(str(p) for p in first["loc"])
-        raise HubmergeError(f"{'REPO_ID' if field == 'repo_id' else '--' + field}: {first['msg']}") from None
+        raise RecipeError(
+            f"{'REPO_ID' if field == 'repo_id' else '--' + field}: {first['msg']}", field=f"push.{field}"
+        ) from err
     directory = Path(path)
     # `.` has no name, and the default commit message names the directory
     directory = directory if directory.name else directory.resolve()
@@ -502,18 +504,18 @@ def inspect(
     from hubmerge.compressed import CompressedMerge
     from hubmerge.display import print_record
     from hubmerge.integrity import verify_output
-    from hubmerge.output import read_manifest
+    from hubmerge.output import read_record
 
-    record = read_manifest(path)
-    if record.get("result") == "compressed":
+    record = read_record(path)
+    if record.compressed:
         CompressedMerge.from_pretrained(path)  # validates the format version
     verified = verify_output(path) if verify else None
     if as_json:
-        _echo_json(record)
-    elif record.get("result") == "task":
+        _echo_json(record.to_dict())
+    elif record.result == "task":
         _console().print(
-            f"{path}: task {record['task']!r} rebuilt from a {record['method']} artifact of base "
-            f"{record['base']['source']}; it loads as it is (AutoModel.from_pretrained)",
+            f"{path}: task {record.task!r} rebuilt from a {record.method} artifact of base "
+            f"{record.base.source}; it loads as it is (AutoModel.from_pretrained)",
             highlight=False,
             soft_wrap=True,
         )
@@ -546,9 +548,11 @@ def convert_mergekit(
     from hubmerge.mergekit import convert_mergekit_file
 
     if output is not None and output.resolve() == config.resolve():
-        raise HubmergeError(f"--output {output} is the mergekit config itself; write the recipe elsewhere")
+        raise OutputError(
+            f"--output {output} is the mergekit config itself; write the recipe elsewhere", path=output
+        )
     if output is not None and output.exists() and not overwrite:
-        raise HubmergeError(f"{output} exists (pass --overwrite to replace it)")
+        raise OutputError(f"{output} exists (pass --overwrite to replace it)", path=output)
     text = convert_mergekit_file(config)
     if output is None:
         typer.echo(text, nl=False)

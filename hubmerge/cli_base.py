@@ -72,7 +72,8 @@ class Group(TyperGroup):
     @staticmethod
     def _fail(ctx: typer.Context | None, err: BaseException, message: str, code: int) -> NoReturn:
         if ctx is not None and _verbose(ctx):
-            # the cause is often chained with `from None` to keep the one-line message short; show it here
+            # the cause (a translated library error is chained, `from err`) shows only here; a cause hidden
+            # with `from None` is shown too
             err.__suppress_context__ = False
             traceback.print_exception(type(err), err, err.__traceback__, file=sys.stderr)
         errors = os.environ.get(ERRORS_DIRECTORY)

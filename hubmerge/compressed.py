@@ -34,10 +34,11 @@ from hubmerge.artifacts import (
     output_dtype,
     unpack_bits,
 )
-from hubmerge.errors import HubmergeError
+from hubmerge.errors import ArtifactFormatError, HubmergeError, SourceError
 from hubmerge.integrity import record_hashes, verify_files, weights_sha256
 from hubmerge.output import MANIFEST, atomic_directory, read_manifest
 from hubmerge.private import PRIVATE_DIR, TASK_FILES_DIR
+from hubmerge.record import RunRecord
 from hubmerge.sources import (
     SAFETENSORS_DTYPES,
     Checkpoint,
@@ -85,26 +86,28 @@ class CompressedMerge(
     def __init__(self, directory: Path):
         # Only a Path argument: the mixin would otherwise serialize JSON-able init arguments into config.json.
         self.directory = Path(directory)
-        if not (self.directory / MANIFEST).is_file():
-            raise HubmergeError(f"{self.directory}: not a hubmerge artifact (no {MANIFEST})")
-        manifest = read_manifest(self.directory)
-        if manifest.get("result") == "task":
-            raise HubmergeError(
-                f"{self.directory} is task {manifest.get('task')!r}'s model, already rebuilt from an artifact: "
-                f"it loads as it is (e.g. AutoModel.from_pretrained({str(self.directory)!r}))"
+        manifest = self.directory / MANIFEST
+        self.manifest = read_manifest(self.directory, what="artifact")
+        self.record: RunRecord = RunRecord.model_validate(self.manifest)
+        record = self.record
+        if record.result == "task":
+            raise ArtifactFormatError(
+                f"{self.directory} is task {record.task!r}'s model, already rebuilt from an artifact: "
+                f"it loads as it is (e.g. AutoModel.from_pretrained({str(self.directory)!r}))",
+                path=manifest,
             )
-        if manifest.get("result") == "merged":
-            raise HubmergeError(
-                f"{self.directory} is a merged model ({manifest.get('method')}), not a compressed artifact: it "
+        if record.result == "merged":
+            raise ArtifactFormatError(
+                f"{self.directory} is a merged model ({record.method}), not a compressed artifact: it "
                 f"is complete as it is (e.g. AutoModel.from_pretrained({str(self.directory)!r})); only "
-                "tall_masks and magnitude_* outputs rebuild task models"
+                "tall_masks and magnitude_* outputs rebuild task models",
+                path=manifest,
             )
-        if manifest.get("format") != FORMAT or manifest.get("format_version") not in READABLE_VERSIONS:
-            raise HubmergeError(
-                f"{self.directory / MANIFEST}: unsupported format {manifest.get('format')!r} "
-                f"version {manifest.get('format_version')!r}"
+        if record.format != FORMAT or record.format_version not in READABLE_VERSIONS:
+            raise ArtifactFormatError(
+                f"{manifest}: unsupported format {record.format!r} version {record.format_version!r}",
+                path=manifest,
             )
-        self.manifest = manifest
         self._verified: set[str] = set()
         self._base: Checkpoint | None = None
         self._base_spec: str | None = None  # where `base=` points instead of the recorded base
@@ -236,9 +239,13 @@ class CompressedMerge(
         for candidate in (info["location"], info["source"]):
             if Path(candidate).expanduser().exists():
                 return candidate
-        raise HubmergeError(
+        raise SourceError(
             f"the base of this artifact, {info['source']} (a local path, at {info['location']} when it was "
-            "made), is not there; point to it with base= (or --base)"
+            "made), is not there; point to it with base= (or --base)",
+            info["source"],
+            "not there",
+            missing=True,
+            path=info["location"],
         )
 
     def _check_base(self, base: Checkpoint) -> None:
@@ -246,9 +253,10 @@ class CompressedMerge(
         dtype and shape of every tensor the tasks take from it."""
         recorded = self.manifest["base"].get("sha256")
         if recorded is not None and weights_sha256(base.weight_files) != recorded:
-            raise HubmergeError(
+            raise SourceError(
                 f"base {base.name}: not the base this artifact was made from (its weights' SHA-256 differs from "
-                f"the recorded {recorded[:12]}…); pass the original base with base= (or --base)"
+                f"the recorded {recorded[:12]}…); pass the original base with base= (or --base)",
+                base.name,
             )
         # the dtype and shape of every base tensor the tasks use (recorded since format version 2)
         expected = {k: (None, shape) for k, shape in self.mask_shapes(self.tasks[0]).items()}
@@ -258,14 +266,16 @@ class CompressedMerge(
         for key, (dtype, shape) in sorted(expected.items()):
             info = base.infos.get(key)
             if info is None:
-                raise HubmergeError(f"base {base.name}: lacks tensor {key!r} of this artifact")
+                raise SourceError(f"base {base.name}: lacks tensor {key!r} of this artifact", base.name)
             if shape is not None and info.shape != tuple(shape):
-                raise HubmergeError(
-                    f"base {base.name}: tensor {key!r} is {list(info.shape)}, this artifact's is {list(shape)}"
+                raise SourceError(
+                    f"base {base.name}: tensor {key!r} is {list(info.shape)}, this artifact's is {list(shape)}",
+                    base.name,
                 )
             if dtype is not None and info.dtype != SAFETENSORS_DTYPES[dtype]:
-                raise HubmergeError(
-                    f"base {base.name}: tensor {key!r} is {info.dtype}, this artifact's base stores it as {dtype}"
+                raise SourceError(
+                    f"base {base.name}: tensor {key!r} is {info.dtype}, this artifact's base stores it as {dtype}",
+                    base.name,
                 )
 
     # -- files --------------------------------------------------------------------------------------------------
@@ -279,7 +289,7 @@ class CompressedMerge(
         name = path.relative_to(self.directory).as_posix()
         if name not in self._verified:
             if not path.is_file():
-                raise HubmergeError(f"{path}: missing; the artifact is incomplete")
+                raise ArtifactFormatError(f"{path}: missing; the artifact is incomplete", path=path)
             verify_files(self.directory, self.manifest, [name])
             self._verified.add(name)
         return path
@@ -292,8 +302,9 @@ class CompressedMerge(
         packed = SafetensorsReader(path).infos
         for key, shape in shapes.items():
             if key not in packed or packed[key].numel != math.ceil(math.prod(shape) / 8):
-                raise HubmergeError(
-                    f"{path}: the mask of {key!r} does not fit its shape {shape}; the artifact is damaged"
+                raise ArtifactFormatError(
+                    f"{path}: the mask of {key!r} does not fit its shape {shape}; the artifact is damaged",
+                    path=path,
                 )
         return shapes
 
@@ -316,7 +327,7 @@ class CompressedMerge(
             try:
                 weight_map = json.loads(self._checked(index).read_text())["weight_map"]
             except (json.JSONDecodeError, KeyError, TypeError) as err:
-                raise HubmergeError(f"{index}: malformed shard index ({err})") from None
+                raise ArtifactFormatError(f"{index}: malformed shard index ({err})", path=index) from err
             return {k: self._checked(self.directory / f) for k, f in weight_map.items()}
         single = self._checked(self.directory / f"{VECTOR_STEM}.safetensors")
         with safe_open(single, framework="pt") as f:
@@ -331,9 +342,10 @@ class CompressedMerge(
         for key, shape in shapes.items():
             info = readers[files[key]].infos.get(key) if key in files else None
             if info is None or info.shape != tuple(shape):
-                raise HubmergeError(
+                raise ArtifactFormatError(
                     f"{files.get(key, VECTOR_STEM)}: τ_MTL of {key!r} is "
-                    f"{'missing' if info is None else list(info.shape)}, its mask's shape is {shape}; the artifact is damaged"
+                    f"{'missing' if info is None else list(info.shape)}, its mask's shape is {shape}; the artifact is damaged",
+                    path=files.get(key, self.directory / f"{VECTOR_STEM}.safetensors"),
                 )
         return {key: readers[path] for key, path in files.items()}
 

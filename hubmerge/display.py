@@ -18,6 +18,7 @@ if TYPE_CHECKING:
     from hubmerge.hub import HubSource, Published
     from hubmerge.methods import Method
     from hubmerge.recipe import Recipe
+    from hubmerge.record import Evaluation, RunRecord, SearchRecord
 
 
 def error_line(message: str) -> None:
@@ -65,13 +66,13 @@ def print_plan(console: Console, plan: dict[str, Any]) -> None:
         )
 
 
-def _histogram_table(record: dict[str, Any]) -> Table | None:
+def _histogram_table(record: RunRecord) -> Table | None:
     from hubmerge.card import histogram_rows
 
     rows = histogram_rows(record)
     if not rows:
         return None
-    t = len(record["tasks"])
+    t = len(record.tasks)
     table = Table(title="Mask agreement: entries contained in exactly c task masks")
     for column in ("c", "entries", "share", "active entries"):
         table.add_column(column, justify="right")
@@ -89,13 +90,14 @@ def _histogram_table(record: dict[str, Any]) -> Table | None:
     return table
 
 
-def _storage_table(record: dict[str, Any]) -> Table:
+def _storage_table(record: RunRecord) -> Table:
     from hubmerge.card import storage_rows
 
-    storage = record["storage"]
+    storage = record.storage
+    assert storage is not None
     table = Table(
-        title=f"Storage: P′ = {storage['parameters']:,} entries, T = {storage['tasks']} "
-        f"(base stored at {storage['base_bits_per_entry']:g} bits/entry)"
+        title=f"Storage: P′ = {storage.parameters:,} entries, T = {storage.tasks} "
+        f"(base stored at {storage.base_bits_per_entry:g} bits/entry)"
     )
     for column, justify in (("what", "left"), ("bits", "right"), ("vs T fp32 copies", "right")):
         table.add_column(column, justify=justify)
@@ -104,51 +106,55 @@ def _storage_table(record: dict[str, Any]) -> Table:
     return table
 
 
-def print_record(console: Console, record: dict[str, Any], directory: Path) -> None:
-    table = Table(title=f"{record['method']} ({record['result']}) in {directory}")
+def print_record(console: Console, record: RunRecord | dict[str, Any], directory: Path) -> None:
+    """The tables of a run record (a `RunRecord`, or its JSON object as `run_recipe` returns it)."""
+    from hubmerge.record import RunRecord
+
+    record = RunRecord.model_validate(record)
+    table = Table(title=f"{record.method} ({record.result}) in {directory}")
     for column in ("task", "source", "revision", "setting", "mask entries"):
         table.add_column(column)
-    d = record["parameters_counted"]
-    for task in record["tasks"]:
+    d = record.parameters_counted or 0
+    for task in record.tasks:
         setting = (
-            f"λ = {task['lambda']:g}"
-            if "lambda" in task
-            else f"density {task['density']:g}"
-            if "density" in task
+            f"λ = {task.lambda_:g}"
+            if task.lambda_ is not None
+            else f"density {task.density:g}"
+            if task.density is not None
             else ""
         )
-        kept = task.get("mask_kept")
+        kept = task.mask_kept
         table.add_row(
-            task["name"],
-            task["location"],
-            task["revision"] or "local",
+            task.name,
+            task.location,
+            task.revision or "local",
             setting,
             f"{kept:,} ({100 * kept / d:.2f} %)" if kept is not None else "",
         )
     console.print(table)
-    if record["result"] == "compressed":
+    if record.compressed:
         console.print(_storage_table(record))
     histogram = _histogram_table(record)
     if histogram is not None:
         console.print(histogram)
-        hist = record["stats"]["agreement_histogram"]
+        hist = record.stats.agreement_histogram or []
         console.print(
             f"catastrophic (in no mask): {100 * hist[0] / d:.2f} %   selfish (in exactly one): {100 * hist[1] / d:.2f} %"
         )
-    if "consensus_kept" in record["stats"]:
-        kept = record["stats"]["consensus_kept"]
+    if record.stats.consensus_kept is not None:
+        kept = record.stats.consensus_kept
         console.print(f"consensus keeps {kept:,} of {d:,} entries ({100 * kept / d:.2f} %)")
-    if "search" in record:
-        print_search(console, record["search"])
-    if "evaluation" in record:
-        print_evaluation(console, record["evaluation"])
+    if record.search is not None:
+        print_search(console, record.search)
+    if record.evaluation is not None:
+        print_evaluation(console, record.evaluation)
 
 
-def print_search(console: Console, search: dict[str, Any]) -> None:
-    candidates = search["candidates"]
+def print_search(console: Console, search: SearchRecord) -> None:
+    candidates = search.candidates
     settings = [k for k in candidates[0] if k not in ("accuracy", "normalized", "mean_normalized")]
     tasks = list(candidates[0]["normalized"])
-    table = Table(title=f"Search on the {search['split']} split (normalized score per task)")
+    table = Table(title=f"Search on the {search.split} split (normalized score per task)")
     for column in (*settings, *tasks, "mean"):
         table.add_column(column, justify="right")
     for row in candidates:
@@ -158,22 +164,24 @@ def print_search(console: Console, search: dict[str, Any]) -> None:
             f"{100 * row['mean_normalized']:.1f}",
         )
     console.print(table)
-    console.print("chosen: " + ", ".join(f"{k} = {json.dumps(v)}" for k, v in search["chosen"].items()))
+    console.print("chosen: " + ", ".join(f"{k} = {json.dumps(v)}" for k, v in search.chosen.items()))
 
 
-def print_evaluation(console: Console, evaluation: dict[str, Any]) -> None:
-    tasks = list(evaluation["datasets"])
-    table = Table(
-        title=f"{evaluation['metric']} on the {evaluation['split']} split (%; normalized = / fine-tuned)"
-    )
+def print_evaluation(console: Console, evaluation: Evaluation | dict[str, Any]) -> None:
+    """The scores of an evaluation (the record's, or the JSON object `evaluate_output` returns)."""
+    from hubmerge.record import Evaluation
+
+    evaluation = Evaluation.model_validate(evaluation)
+    tasks = list(evaluation.datasets)
+    table = Table(title=f"{evaluation.metric} on the {evaluation.split} split (%; normalized = / fine-tuned)")
     for column in ("model", *tasks, "mean", "mean normalized"):
         table.add_column(column, justify="right" if column != "model" else "left")
-    for name, row in evaluation["rows"].items():
+    for name, row in evaluation.rows.items():
         table.add_row(
             name,
-            *(f"{100 * row['accuracy'][t]:.2f}" for t in tasks),
-            f"{100 * row['mean_accuracy']:.2f}",
-            f"{100 * row['mean_normalized']:.1f}",
+            *(f"{100 * row.accuracy[t]:.2f}" for t in tasks),
+            f"{100 * row.mean_accuracy:.2f}",
+            f"{100 * row.mean_normalized:.1f}",
         )
     console.print(table)
 

@@ -16,7 +16,7 @@ import torch
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
 
-from hubmerge.errors import HubmergeError
+from hubmerge.errors import HubmergeError, RecipeError, SourceError
 from hubmerge.hub import OPEN_CLIP_CONFIG
 from hubmerge.recipe import EvalTask, Evaluation
 
@@ -44,40 +44,51 @@ def load_examples(task: str, spec: EvalTask, split: str, head: str) -> Examples:
     try:
         if spec.data_files:
             if name not in spec.data_files:
-                raise HubmergeError(
-                    f"{where}.data_files: no file for split {name!r} (have {sorted(spec.data_files)})"
+                raise RecipeError(
+                    f"{where}.data_files: no file for split {name!r} (have {sorted(spec.data_files)})",
+                    field=f"{where}.data_files",
                 )
             path = Path(spec.data_files[name])
             fmt = DATA_FORMATS.get(path.suffix)
             if fmt is None:
-                raise HubmergeError(f"{where}.data_files: {path}: use .json, .jsonl, .csv or .parquet")
+                raise RecipeError(
+                    f"{where}.data_files: {path}: use .json, .jsonl, .csv or .parquet",
+                    field=f"{where}.data_files",
+                )
             if not path.is_file():
-                raise HubmergeError(f"{where}.data_files: {path} not found")
+                raise RecipeError(
+                    f"{where}.data_files: {path} not found", field=f"{where}.data_files", path=path
+                )
             data = datasets.load_dataset(fmt, data_files={name: str(path)}, split=name)
         else:
             data = datasets.load_dataset(spec.dataset, spec.config, split=name)
     except (ValueError, FileNotFoundError, datasets.exceptions.DatasetNotFoundError) as err:
-        raise HubmergeError(f"{where}: cannot load split {name!r}: {str(err).splitlines()[0]}") from None
+        raise RecipeError(
+            f"{where}: cannot load split {name!r}: {str(err).splitlines()[0]}", field=where
+        ) from err
     input_column = spec.image_column if head == "clip_zero_shot" else spec.text_column
     for kind, column in (("input", input_column), ("label", spec.label_column)):
         if column not in data.column_names:
-            raise HubmergeError(
-                f"{where}: split {name!r} has no {kind} column {column!r} (columns: {', '.join(data.column_names)})"
+            raise RecipeError(
+                f"{where}: split {name!r} has no {kind} column {column!r} (columns: {', '.join(data.column_names)})",
+                field=where,
             )
     if spec.max_examples is not None:
         data = data.select(range(min(spec.max_examples, len(data))))
     if len(data) == 0:
-        raise HubmergeError(f"{where}: split {name!r} is empty")
+        raise RecipeError(f"{where}: split {name!r} is empty", field=where)
     label_names = spec.label_names or _class_names(data, spec.label_column)
     if label_names is None:
-        raise HubmergeError(
-            f"{where}: give `label_names` (the label column {spec.label_column!r} has no names)"
+        raise RecipeError(
+            f"{where}: give `label_names` (the label column {spec.label_column!r} has no names)",
+            field=f"{where}.label_names",
         )
     labels = torch.tensor(data[spec.label_column], dtype=torch.int64)
     bad = labels[(labels < 0) | (labels >= len(label_names))]
     if bad.numel():
-        raise HubmergeError(
-            f"{where}: label {int(bad[0])} in split {name!r} is out of range for {len(label_names)} classes"
+        raise RecipeError(
+            f"{where}: label {int(bad[0])} in split {name!r} is out of range for {len(label_names)} classes",
+            field=where,
         )
     return Examples(list(data[input_column]), labels, label_names)
 
@@ -173,17 +184,20 @@ class Evaluator:
                 return AutoModelForSequenceClassification.from_pretrained(self.task_dirs[task])
             model = AutoModel.from_pretrained(self.base_dir)
         except (OSError, ValueError) as err:
-            raise HubmergeError(
-                f"evaluation: cannot load the model for head {head}: {str(err).splitlines()[0]}"
-            ) from None
+            raise SourceError(
+                f"evaluation: cannot load the model for head {head}: {str(err).splitlines()[0]}",
+                path=self.task_dirs[task] if head == "sequence_classification" else self.base_dir,
+            ) from err
         if head == "clip_zero_shot" and not isinstance(model, CLIPModel):
-            raise HubmergeError(
+            raise RecipeError(
                 f"evaluation.head clip_zero_shot needs a CLIPModel base (text and vision towers); "
-                f"{self.base_dir} loads as {type(model).__name__}"
+                f"{self.base_dir} loads as {type(model).__name__}",
+                field="evaluation.head",
             )
         if head == "zero_shot_text" and not hasattr(model, "get_input_embeddings"):
-            raise HubmergeError(
-                f"evaluation.head zero_shot_text needs a text encoder; got {type(model).__name__}"
+            raise RecipeError(
+                f"evaluation.head zero_shot_text needs a text encoder; got {type(model).__name__}",
+                field="evaluation.head",
             )
         return model
 
@@ -191,19 +205,20 @@ class Evaluator:
         """The base through open_clip's own loader; its tokenizer and eval transform are kept beside it."""
         try:
             import open_clip
-        except ImportError:
+        except ImportError as err:
             raise HubmergeError(
                 f"evaluation: {self.base_dir} is an open_clip checkpoint ({OPEN_CLIP_CONFIG}); "
                 "install the clip extra to evaluate it: pip install 'hubmerge[clip]'"
-            ) from None
+            ) from err
         where = f"local-dir:{self.base_dir}"
         try:
             model, _, preprocess = open_clip.create_model_and_transforms(where)
             self._tokenizers[self.base_dir] = open_clip.get_tokenizer(where)
         except (OSError, ValueError, RuntimeError, KeyError) as err:
-            raise HubmergeError(
-                f"evaluation: cannot load the open_clip model in {self.base_dir}: {str(err).splitlines()[0]}"
-            ) from None
+            raise SourceError(
+                f"evaluation: cannot load the open_clip model in {self.base_dir}: {str(err).splitlines()[0]}",
+                path=self.base_dir,
+            ) from err
         self._tokenizers["image"] = preprocess
         return model
 
@@ -215,9 +230,9 @@ class Evaluator:
             try:
                 self._tokenizers[where] = AutoTokenizer.from_pretrained(where)
             except (OSError, ValueError) as err:
-                raise HubmergeError(
-                    f"evaluation: no tokenizer in {where}: {str(err).splitlines()[0]}"
-                ) from None
+                raise SourceError(
+                    f"evaluation: no tokenizer in {where}: {str(err).splitlines()[0]}", path=where
+                ) from err
         return self._tokenizers[where]
 
     @torch.no_grad()
@@ -226,9 +241,10 @@ class Evaluator:
         state = model.state_dict()
         unknown = [k for k in overlay if k not in state]
         if unknown:
-            raise HubmergeError(
+            raise RecipeError(
                 f"evaluation: tensor {unknown[0]!r} of the merge is not a weight of {type(model).__name__} "
-                f"(the head does not fit this model)"
+                f"(the head does not fit this model)",
+                field="evaluation.head",
             )
         for key, value in overlay.items():
             state[key].copy_(value)
@@ -302,9 +318,10 @@ class Evaluator:
             try:
                 self._tokenizers["image"] = AutoImageProcessor.from_pretrained(self.base_dir)
             except (OSError, ValueError) as err:
-                raise HubmergeError(
-                    f"evaluation: no image processor in {self.base_dir}: {str(err).splitlines()[0]}"
-                ) from None
+                raise SourceError(
+                    f"evaluation: no image processor in {self.base_dir}: {str(err).splitlines()[0]}",
+                    path=self.base_dir,
+                ) from err
         return self._tokenizers["image"]
 
     @torch.no_grad()
@@ -351,7 +368,9 @@ def metric(name: str) -> Callable[[torch.Tensor, torch.Tensor], float]:
     try:
         loaded = evaluate.load(name)
     except Exception as err:  # evaluate raises many types (network, missing module, bad name)
-        raise HubmergeError(f"evaluation.metric {name!r}: cannot load it with `evaluate`: {err}") from None
+        raise RecipeError(
+            f"evaluation.metric {name!r}: cannot load it with `evaluate`: {err}", field="evaluation.metric"
+        ) from err
 
     def compute(predictions: torch.Tensor, labels: torch.Tensor) -> float:
         result = loaded.compute(predictions=predictions.tolist(), references=labels.tolist())

@@ -17,7 +17,7 @@ from huggingface_hub import HfApi, snapshot_download
 from huggingface_hub import constants as hf_constants
 from huggingface_hub import errors as hf_errors
 
-from hubmerge.errors import HubmergeError
+from hubmerge.errors import HubAccessError, HubSourceError, SourceError
 from hubmerge.recipe import PushTarget, split_revision
 
 SAFETENSORS_INDEX = "model.safetensors.index.json"
@@ -66,19 +66,6 @@ def allow_patterns(weights: str) -> list[str]:
     return [*WEIGHT_PATTERNS[weights], *SUPPORT_FILES, CARD_FILE]
 
 
-class SourceError(HubmergeError):
-    """A recipe source that cannot be located, with what a list of several such sources shows of it.
-
-    The message is the one-line error for this source alone; `reason` is what follows the source in a list
-    (`./a (no such file or directory)`), and `hints`, the advice shared by sources with this problem, are said
-    once after the list.
-    """
-
-    def __init__(self, message: str, spec: str, reason: str, *, missing: bool, hints: tuple[str, ...] = ()):
-        super().__init__(message)
-        self.spec, self.reason, self.missing, self.hints = spec, reason, missing, hints
-
-
 PRIVATE_HINT = "a private Hub repository needs HF_TOKEN or `hf auth login`"
 
 
@@ -91,46 +78,50 @@ def relative_hint() -> str:
 def hub_errors(spec: str, endpoint: str | None = None) -> Iterator[None]:
     """Turn huggingface_hub's exceptions into one-line errors naming `spec`.
 
-    Problems of this source are `SourceError`s; a Hub that cannot be reached is a plain `HubmergeError`, as it
-    concerns every Hub source alike.
+    Problems of this source are `HubSourceError`s (a `SourceError` and a `HubAccessError`); a Hub that cannot
+    be reached is a `HubAccessError` only, as it concerns every Hub source alike. The client's exception is
+    the cause of each.
     """
     repo_id, revision = split_revision(spec)
 
     def fail(
         reason: str, *, missing: bool = False, hints: tuple[str, ...] = (), detail: str = ""
-    ) -> SourceError:
-        return SourceError(f"{spec}: {reason}{detail}", spec, reason, missing=missing, hints=hints)
+    ) -> HubSourceError:
+        return HubSourceError(
+            f"{spec}: {reason}{detail}", spec, reason, repo_id=repo_id, missing=missing, hints=hints
+        )
 
     try:
         yield
-    except hf_errors.GatedRepoError:
-        raise fail("gated repository: accept its terms on the Hub, then log in") from None
-    except hf_errors.RevisionNotFoundError:
-        raise fail(f"revision {revision!r} not found in {repo_id}", missing=True) from None
-    except hf_errors.RepositoryNotFoundError:
+    except hf_errors.GatedRepoError as err:
+        raise fail("gated repository: accept its terms on the Hub, then log in") from err
+    except hf_errors.RevisionNotFoundError as err:
+        raise fail(f"revision {revision!r} not found in {repo_id}", missing=True) from err
+    except hf_errors.RepositoryNotFoundError as err:
         raise fail(
             "no such local path, and no such Hub repository",
             missing=True,
             hints=(PRIVATE_HINT, relative_hint()),
             detail=f" (or it is private: set HF_TOKEN or run `hf auth login`; {relative_hint()})",
-        ) from None
-    except hf_errors.LocalEntryNotFoundError:
+        ) from err
+    except hf_errors.LocalEntryNotFoundError as err:
         raise fail(
             "no such local path, and the Hub repository is not in the local cache while the Hub cannot be "
             "reached",
             missing=True,
             detail=" (connect, or download it first; HF_HUB_OFFLINE=1 reads only the cache)",
-        ) from None
+        ) from err
     except hf_errors.HfHubHTTPError as err:
         status = err.response.status_code if err.response is not None else None
         if status in (401, 403):
-            raise fail(f"not authorised ({status}): check HF_TOKEN or `hf auth login`") from None
-        raise fail(f"Hub error: {_first_line(err)}") from None
+            raise fail(f"not authorised ({status}): check HF_TOKEN or `hf auth login`") from err
+        raise fail(f"Hub error: {_first_line(err)}") from err
     except httpx2.TransportError as err:
-        raise HubmergeError(
+        raise HubAccessError(
             f"{spec}: cannot reach the Hub at {endpoint or hf_constants.ENDPOINT} ({err}); to use only "
-            "models already in the local cache, set HF_HUB_OFFLINE=1"
-        ) from None
+            "models already in the local cache, set HF_HUB_OFFLINE=1",
+            repo_id=repo_id,
+        ) from err
 
 
 def _first_line(err: Exception) -> str:
@@ -196,7 +187,10 @@ def download(source: HubSource, *, token: str | None = None, endpoint: str | Non
             )
             if path.name == source.sha:
                 return path
-    raise HubmergeError(f"{source.spec}: the Hub served commit {path.name} for pinned commit {source.sha}")
+    raise HubAccessError(
+        f"{source.spec}: the Hub served commit {path.name} for pinned commit {source.sha}",
+        repo_id=source.repo_id,
+    )
 
 
 @dataclass(frozen=True)
@@ -232,9 +226,11 @@ def publish(
             if status in (401, 403)
             else _first_line(err)
         )
-        raise HubmergeError(f"push to {repo_id} failed: {why}; {hint}") from None
+        raise HubAccessError(f"push to {repo_id} failed: {why}; {hint}", repo_id=repo_id) from err
     except (httpx2.TransportError, OSError) as err:
-        raise HubmergeError(f"push to {repo_id} failed: {_first_line(err)}; {hint}") from None
+        raise HubAccessError(
+            f"push to {repo_id} failed: {_first_line(err)}; {hint}", repo_id=repo_id
+        ) from err
     return Published(repo_url=str(repo_url), commit_url=info.commit_url, pr_url=info.pr_url)
 
 
@@ -264,43 +260,52 @@ def check_push_access(target: PushTarget, *, token: str | None = None, endpoint:
     where = f"cannot push to {repo_id}"
     try:
         who = api.whoami()
-    except hf_errors.LocalTokenNotFoundError:
-        raise HubmergeError(
-            f"not logged in: set HF_TOKEN or run `hf auth login` (or pass --token) to push to {repo_id}"
-        ) from None
-    except hf_errors.OfflineModeIsEnabled:
-        raise HubmergeError(f"{where}: HF_HUB_OFFLINE is set, and a push needs the Hub") from None
+    except hf_errors.LocalTokenNotFoundError as err:
+        raise HubAccessError(
+            f"not logged in: set HF_TOKEN or run `hf auth login` (or pass --token) to push to {repo_id}",
+            repo_id=repo_id,
+        ) from err
+    except hf_errors.OfflineModeIsEnabled as err:
+        raise HubAccessError(
+            f"{where}: HF_HUB_OFFLINE is set, and a push needs the Hub", repo_id=repo_id
+        ) from err
     except hf_errors.HfHubHTTPError as err:
         status = err.response.status_code if err.response is not None else None
         if status == 401:
-            raise HubmergeError(
+            raise HubAccessError(
                 f"{where}: the Hub does not accept the token (invalid or expired): set HF_TOKEN or run "
-                "`hf auth login` again"
-            ) from None
-        raise HubmergeError(f"{where}: checking the token failed: {_first_line(err)}") from None
+                "`hf auth login` again",
+                repo_id=repo_id,
+            ) from err
+        raise HubAccessError(
+            f"{where}: checking the token failed: {_first_line(err)}", repo_id=repo_id
+        ) from err
     except httpx2.TransportError as err:
-        raise HubmergeError(
-            f"{where}: cannot reach the Hub at {endpoint or hf_constants.ENDPOINT} ({err})"
-        ) from None
+        raise HubAccessError(
+            f"{where}: cannot reach the Hub at {endpoint or hf_constants.ENDPOINT} ({err})", repo_id=repo_id
+        ) from err
     user = who["name"]
     access = (who.get("auth") or {}).get("accessToken") or {}
     role, token_name = access.get("role"), access.get("displayName", "")
     if role == "read":
-        raise HubmergeError(
+        raise HubAccessError(
             f"{where}: the token {token_name!r} of {user} is read-only; use one with the write role "
-            "(https://huggingface.co/settings/tokens)"
+            "(https://huggingface.co/settings/tokens)",
+            repo_id=repo_id,
         )
     orgs = {org["name"]: org.get("roleInOrg") for org in who.get("orgs") or []}
     if namespace != user and namespace not in orgs:
         member_of = ", ".join(orgs) or "none"
-        raise HubmergeError(
+        raise HubAccessError(
             f"{where}: {user} can write only to {user}/ and to their organisations' namespaces "
-            f"(organisations: {member_of}), not to {namespace}/"
+            f"(organisations: {member_of}), not to {namespace}/",
+            repo_id=repo_id,
         )
     if namespace != user and orgs[namespace] is not None and orgs[namespace] not in CREATING_ROLES:
-        raise HubmergeError(
+        raise HubAccessError(
             f"{where}: {user}'s role in the organisation {namespace} is {orgs[namespace]!r}, which cannot write "
-            f"(needed: {', '.join(CREATING_ROLES)})"
+            f"(needed: {', '.join(CREATING_ROLES)})",
+            repo_id=repo_id,
         )
     if role == "fineGrained":
         _check_fine_grained(api, access, user, repo_id, where, token_name)
@@ -324,8 +329,11 @@ def _check_fine_grained(
             if api.repo_exists(repo_id):
                 return
         except (hf_errors.HfHubHTTPError, httpx2.TransportError) as err:
-            raise HubmergeError(f"{where}: checking whether it exists failed: {_first_line(err)}") from None
-    raise HubmergeError(
+            raise HubAccessError(
+                f"{where}: checking whether it exists failed: {_first_line(err)}", repo_id=repo_id
+            ) from err
+    raise HubAccessError(
         f"{where}: the fine-grained token {token_name!r} of {user} has no repo.write permission on {namespace} "
-        f"(needed to create the repo) or on {repo_id}"
+        f"(needed to create the repo) or on {repo_id}",
+        repo_id=repo_id,
     )

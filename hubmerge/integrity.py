@@ -16,8 +16,9 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
-from hubmerge.errors import HubmergeError
+from hubmerge.errors import ArtifactFormatError
 from hubmerge.output import MANIFEST, foreign_entries, output_files, read_manifest
+from hubmerge.record import RunRecord
 
 CHUNK_BYTES = 1 << 23
 # hashlib releases the GIL on large updates: files are hashed side by side, up to this many at once
@@ -99,7 +100,7 @@ def verify_files(directory: Path, record: dict[str, Any], names: Iterable[str] |
         The files checked; none for an output written before hashes were recorded.
 
     Raises:
-        HubmergeError: naming the first file that is missing or differs from its record.
+        ArtifactFormatError: naming the first file that is missing or differs from its record.
     """
     listed = record.get("files")
     if listed is None:
@@ -107,21 +108,28 @@ def verify_files(directory: Path, record: dict[str, Any], names: Iterable[str] |
     names = list(listed if names is None else names)
     for name in names:
         if name not in listed:
-            raise HubmergeError(f"{directory / name}: not listed in {MANIFEST}; the output is incomplete")
+            raise ArtifactFormatError(
+                f"{directory / name}: not listed in {MANIFEST}; the output is incomplete",
+                path=directory / name,
+            )
         path = directory / name
         if not path.is_file():
-            raise HubmergeError(f"{path}: missing (listed in {MANIFEST}); the output is incomplete")
+            raise ArtifactFormatError(
+                f"{path}: missing (listed in {MANIFEST}); the output is incomplete", path=path
+            )
         if path.stat().st_size != listed[name]["size"]:
-            raise HubmergeError(
+            raise ArtifactFormatError(
                 f"{path}: {path.stat().st_size:,} bytes, but {MANIFEST} records {listed[name]['size']:,}; "
-                "the file is damaged or was changed after the run"
+                "the file is damaged or was changed after the run",
+                path=path,
             )
     digests = hash_files(directory, names)
     for name in names:
         if digests[name]["sha256"] != listed[name]["sha256"]:
-            raise HubmergeError(
+            raise ArtifactFormatError(
                 f"{directory / name}: content differs from the SHA-256 in {MANIFEST}; "
-                "the file is damaged or was changed after the run"
+                "the file is damaged or was changed after the run",
+                path=directory / name,
             )
     return names
 
@@ -133,19 +141,21 @@ def verify_output(directory: Path) -> list[str]:
         The files checked.
 
     Raises:
-        HubmergeError: for a missing or damaged file, a file the record does not list, or an output
+        ArtifactFormatError: for a missing or damaged file, a file the record does not list, or an output
             without recorded hashes.
     """
     directory = Path(directory)
     record = read_manifest(directory)
     if "files" not in record:
-        raise HubmergeError(
-            f"{directory}: its {MANIFEST} records no file hashes (written by an older hubmerge)"
+        raise ArtifactFormatError(
+            f"{directory}: its {MANIFEST} records no file hashes (written by an older hubmerge)",
+            path=directory / MANIFEST,
         )
     foreign = foreign_entries(directory, record)
     if foreign:
-        raise HubmergeError(
-            f"{directory / foreign[0]}: not part of the output written by hubmerge (not in {MANIFEST})"
+        raise ArtifactFormatError(
+            f"{directory / foreign[0]}: not part of the output written by hubmerge (not in {MANIFEST})",
+            path=directory / foreign[0].rstrip("/"),
         )
     return verify_files(directory, record)
 
@@ -162,10 +172,12 @@ def record_hashes(directory: Path, record: dict[str, Any], known: dict[str, str]
     write_manifest(directory, record)
 
 
-def write_manifest(directory: Path, record: dict[str, Any]) -> None:
+def write_manifest(directory: Path, record: dict[str, Any] | RunRecord) -> None:
     """Replace hubmerge.json whole (a crash leaves the old or the new one, never half of one)."""
     staged = directory / f".{MANIFEST}.tmp"
-    staged.write_text(json.dumps(record, indent=2) + "\n")
+    staged.write_text(
+        record.to_json() if isinstance(record, RunRecord) else json.dumps(record, indent=2) + "\n"
+    )
     staged.replace(directory / MANIFEST)
 
 

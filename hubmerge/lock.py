@@ -9,7 +9,7 @@ from pathlib import Path
 import yaml
 
 import hubmerge
-from hubmerge.errors import HubmergeError
+from hubmerge.errors import RecipeError, SourceError
 from hubmerge.hub import HubSource
 from hubmerge.recipe import read_yaml
 
@@ -32,13 +32,17 @@ class Lock:
         for spec, source in located.items():
             pinned = self.pins.get(spec)
             if pinned is None:
-                raise HubmergeError(
-                    f"{self.path}: has no pin for source {spec!r}; re-run `hubmerge lock` on the recipe"
+                raise RecipeError(
+                    f"{self.path}: has no pin for source {spec!r}; re-run `hubmerge lock` on the recipe",
+                    field=f"sources.{spec}",
+                    path=self.path,
                 )
             if pinned != source.sha:
-                raise HubmergeError(
+                raise SourceError(
                     f"{spec}: resolves to commit {source.sha} now, but {self.path} pins {pinned}; "
-                    f"pin it in the recipe as {source.repo_id}@{pinned}, or re-lock with `hubmerge lock`"
+                    f"pin it in the recipe as {source.repo_id}@{pinned}, or re-lock with `hubmerge lock`",
+                    spec,
+                    f"moved from the locked commit {pinned}",
                 )
 
 
@@ -61,7 +65,9 @@ def write_lock(recipe_path: str | Path, located: dict[str, HubSource]) -> Path:
 def read_lock(recipe_path: str | Path) -> Lock:
     path = lock_path(recipe_path)
     if not path.is_file():
-        raise HubmergeError(f"--locked: {path} not found; create it with `hubmerge lock {recipe_path}`")
+        raise RecipeError(
+            f"--locked: {path} not found; create it with `hubmerge lock {recipe_path}`", path=path
+        )
     data = read_yaml(path)
     sources = data.get("sources") if isinstance(data, dict) else None
     if (
@@ -70,7 +76,7 @@ def read_lock(recipe_path: str | Path) -> Lock:
         or not isinstance(sources, dict)
         or not all(isinstance(k, str) and isinstance(v, str) for k, v in sources.items())
     ):
-        raise HubmergeError(
-            f"{path}: not a hubmerge lock file (version {LOCK_VERSION}, `sources: {{id: sha}}`)"
+        raise RecipeError(
+            f"{path}: not a hubmerge lock file (version {LOCK_VERSION}, `sources: {{id: sha}}`)", path=path
         )
     return Lock(path, dict(sources))

@@ -25,7 +25,7 @@ from typing import Any
 
 import yaml
 
-from hubmerge.errors import HubmergeError
+from hubmerge.errors import RecipeError
 from hubmerge.recipe import default_task_name, parse_recipe, read_yaml
 
 METHODS = ("linear", "task_arithmetic", "ties")
@@ -59,8 +59,8 @@ SUPPORTED = (
 )
 
 
-def _refuse(origin: str, what: str) -> HubmergeError:
-    return HubmergeError(f"{origin}: {what} ({SUPPORTED})")
+def _refuse(origin: str, what: str) -> RecipeError:
+    return RecipeError(f"{origin}: {what} ({SUPPORTED})", path=None if origin.startswith("<") else origin)
 
 
 def _reference(value: Any, origin: str, where: str) -> str:
@@ -136,10 +136,10 @@ def convert_mergekit(data: dict[str, Any], origin: str) -> dict[str, Any]:
         The recipe mapping (version, base, models, method, parameters, dtype when given).
 
     Raises:
-        HubmergeError: one line naming what hubmerge cannot express.
+        RecipeError: one line naming what hubmerge cannot express.
     """
     if not isinstance(data, dict) or "merge_method" not in data:
-        raise HubmergeError(f"{origin}: not a mergekit config (it has no merge_method)")
+        raise RecipeError(f"{origin}: not a mergekit config (it has no merge_method)", field="merge_method")
     for key in ("slices", "modules"):
         if data.get(key):
             raise _refuse(
@@ -266,7 +266,7 @@ def convert_mergekit_file(path: Path) -> str:
         The recipe, starting with a comment that says where it came from and how to run it.
     """
     if not path.is_file():
-        raise HubmergeError(f"mergekit config not found: {path}")
+        raise RecipeError(f"mergekit config not found: {path}", path=path)
     data = read_yaml(path)
     recipe = convert_mergekit(data, str(path))
     recipe["output"] = f"out/{path.stem}"

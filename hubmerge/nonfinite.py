@@ -15,7 +15,7 @@ from typing import Any
 import torch
 
 from hubmerge import fused
-from hubmerge.errors import HubmergeError
+from hubmerge.errors import SourceError
 
 Rows = tuple[int, int] | None
 
@@ -63,7 +63,7 @@ class NonfiniteCounts:
                 count); None: count them.
 
         Raises:
-            HubmergeError: at the first model with a NaN/Inf entry there, unless `allow`.
+            SourceError: at the first model with a NaN/Inf entry there, unless `allow`.
         """
         if (key, rows) in self._seen:
             return
@@ -83,9 +83,10 @@ class NonfiniteCounts:
         if not n:
             return
         if not self.allow:
-            raise HubmergeError(
+            raise SourceError(
                 f"{self._describe(model)}: tensor {key!r} has {n:,} NaN/Inf entries{where}; refusing to "
-                "merge non-finite weights (pass --allow-nonfinite to merge them anyway)"
+                "merge non-finite weights (pass --allow-nonfinite to merge them anyway)",
+                self.sources[model],
             )
         self.merge({(model, key): n})
 

@@ -8,7 +8,8 @@
 - `atomic_directory` stages the output in a hidden sibling named with the owner's pid, removes the staging
   siblings that killed runs left (their owner process is gone), and renames the result into place last,
   refusing to replace what appeared meanwhile without `--overwrite`.
-- `read_manifest` is the one reader of an output's `hubmerge.json`.
+- `read_manifest` (the JSON object) and `read_record` (a `hubmerge.record.RunRecord`) are the one reader of an
+  output's `hubmerge.json`: a missing, garbled or foreign one is an `ArtifactFormatError` naming it.
 """
 
 from __future__ import annotations
@@ -27,9 +28,12 @@ import threading
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from hubmerge.errors import HubmergeError
+from hubmerge.errors import ArtifactFormatError, HubmergeError, OutputError
+
+if TYPE_CHECKING:
+    from hubmerge.record import RunRecord
 
 MANIFEST = "hubmerge.json"
 # Files of an output that its run record does not hash: the record itself, and the card, which is rewritten for
@@ -42,27 +46,57 @@ SIBLING_KINDS = ("old", "partial", "search")
 log = logging.getLogger("hubmerge")
 
 
-def read_manifest(directory: Path) -> dict[str, Any]:
-    """The run record of an output directory, checked to be one that hubmerge wrote.
+def read_manifest(directory: Path, what: str = "output") -> dict[str, Any]:
+    """The run record of an output directory as its JSON object, checked to be one that hubmerge wrote (and
+    to validate as a `RunRecord`).
+
+    Args:
+        directory: the output directory.
+        what: what the directory should be, in the message when it is not hubmerge's (`output`, `artifact`).
 
     Raises:
-        HubmergeError: naming the directory, when hubmerge.json is missing, unreadable or not hubmerge's.
+        ArtifactFormatError: naming hubmerge.json (`.path`), when it is missing, unreadable or not hubmerge's.
     """
+    return _load_record(directory, what)[0]
+
+
+def read_record(directory: Path, what: str = "output") -> RunRecord:
+    """The run record of an output directory as a `RunRecord` (see `read_manifest`)."""
+    return _load_record(directory, what)[1]
+
+
+def _load_record(directory: Path, what: str) -> tuple[dict[str, Any], RunRecord]:
+    from pydantic import ValidationError
+
+    from hubmerge.record import RunRecord
+
     path = Path(directory) / MANIFEST
-    if not Path(directory).is_dir():
-        raise HubmergeError(f"{directory}: not a hubmerge output (no such directory)")
     if not path.is_file():
-        raise HubmergeError(f"{directory}: not a hubmerge output (no {MANIFEST})")
+        # an artifact may be a Hub snapshot, which has no folder at all when the repo holds no artifact files
+        absent = (
+            "no such directory" if what == "output" and not Path(directory).is_dir() else f"no {MANIFEST}"
+        )
+        raise ArtifactFormatError(f"{directory}: not a hubmerge {what} ({absent})", path=path)
     try:
-        record = json.loads(path.read_text(encoding="utf-8"))
+        data = json.loads(path.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise HubmergeError(f"{path}: unreadable run record ({err}); the output is damaged") from None
-    if not isinstance(record, dict) or record.get("format") not in MANIFEST_FORMATS:
-        raise HubmergeError(f"{path}: not a hubmerge run record (no format {' or '.join(MANIFEST_FORMATS)})")
-    problem = _record_problem(record)
+        raise ArtifactFormatError(
+            f"{path}: unreadable run record ({err}); the output is damaged", path=path
+        ) from err
+    if not isinstance(data, dict) or data.get("format") not in MANIFEST_FORMATS:
+        raise ArtifactFormatError(
+            f"{path}: not a hubmerge run record (no format {' or '.join(MANIFEST_FORMATS)})", path=path
+        )
+    problem = _record_problem(data)
     if problem:
-        raise HubmergeError(f"{path}: damaged run record ({problem})")
-    return record
+        raise ArtifactFormatError(f"{path}: damaged run record ({problem})", path=path)
+    try:
+        record = RunRecord.model_validate(data)
+    except ValidationError as err:
+        first = err.errors()[0]
+        where = ".".join(str(part) for part in first["loc"])
+        raise ArtifactFormatError(f"{path}: damaged run record ({where}: {first['msg']})", path=path) from err
+    return data, record
 
 
 def _record_problem(record: dict[str, Any]) -> str | None:
@@ -181,45 +215,53 @@ def check_output_path(
     """
     target = Path(target)
     if target.exists() and not target.is_dir():
-        raise HubmergeError(f"output path {target} is a file, not a directory")
+        raise OutputError(f"output path {target} is a file, not a directory", path=target)
     resolved = target.resolve()
     cwd = Path.cwd().resolve()
     if _within(cwd, resolved):
         what = "the current directory" if resolved == cwd else f"an ancestor of the current directory ({cwd})"
-        raise HubmergeError(f"output {target} is {what}; write the output to a new directory, e.g. out/merge")
+        raise OutputError(
+            f"output {target} is {what}; write the output to a new directory, e.g. out/merge", path=target
+        )
     for what, path in inputs:
         source = Path(path).resolve()
         if _within(source, resolved):
             how = "is" if source == resolved else "contains"
-            raise HubmergeError(f"output {target} {how} {what} ({source}); choose another output directory")
+            raise OutputError(
+                f"output {target} {how} {what} ({source}); choose another output directory", path=target
+            )
         if _within(resolved, source):
-            raise HubmergeError(
-                f"output {target} lies inside {what} ({source}); choose another output directory"
+            raise OutputError(
+                f"output {target} lies inside {what} ({source}); choose another output directory", path=target
             )
     allowed = Path(inside).resolve() if inside is not None else None
     for ancestor in resolved.parents:
         if ancestor != allowed and is_hubmerge_output(ancestor):
-            raise HubmergeError(
-                f"output {target} lies inside the hubmerge output {ancestor}; choose a directory outside it"
+            raise OutputError(
+                f"output {target} lies inside the hubmerge output {ancestor}; choose a directory outside it",
+                path=target,
             )
     exists = target.is_dir()
     replaces = False
     if exists and any(target.iterdir()):
         foreign = _foreign_in_output(target)
         if foreign is None:
-            raise HubmergeError(
+            raise OutputError(
                 f"output directory {target} is not empty and holds no hubmerge output (no valid {MANIFEST}); "
-                "--overwrite replaces only a previous hubmerge output: choose another directory"
+                "--overwrite replaces only a previous hubmerge output: choose another directory",
+                path=target,
             )
         if foreign:
             shown = ", ".join(foreign[:3]) + (f" (+{len(foreign) - 3} more)" if len(foreign) > 3 else "")
-            raise HubmergeError(
+            raise OutputError(
                 f"output directory {target} holds a hubmerge output and files hubmerge did not write there "
-                f"({shown}); --overwrite would delete them: move them out or choose another directory"
+                f"({shown}); --overwrite would delete them: move them out or choose another directory",
+                path=target,
             )
         if not overwrite:
-            raise HubmergeError(
-                f"output directory {target} holds a previous hubmerge output (pass --overwrite to replace it)"
+            raise OutputError(
+                f"output directory {target} holds a previous hubmerge output (pass --overwrite to replace it)",
+                path=target,
             )
         replaces = True
     _check_writable(target, resolved.parent)
@@ -232,11 +274,11 @@ def _check_writable(target: Path, parent: Path) -> None:
     while not existing.exists():
         existing = existing.parent
     if not existing.is_dir():
-        raise HubmergeError(f"output path {target}: {existing} is not a directory")
+        raise OutputError(f"output path {target}: {existing} is not a directory", path=target)
     if os.statvfs(existing).f_flag & os.ST_RDONLY:
-        raise HubmergeError(f"output path {target}: {existing} is on a read-only file system")
+        raise OutputError(f"output path {target}: {existing} is on a read-only file system", path=target)
     if not os.access(existing, os.W_OK | os.X_OK):
-        raise HubmergeError(f"output path {target}: no permission to write in {existing}")
+        raise OutputError(f"output path {target}: no permission to write in {existing}", path=target)
 
 
 _held_locks: dict[Path, int] = {}  # output -> the thread of this process that holds its lock
@@ -290,10 +332,10 @@ def _acquire(path: Path, target: Path) -> int:
         fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
+        except BlockingIOError as err:
             owner = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
             os.close(fd)
-            raise _busy(target, owner) from None
+            raise _busy(target, owner) from err
         # The previous owner may have unlinked the file between our open and flock: lock the current one.
         try:
             same = os.fstat(fd).st_ino == os.stat(path).st_ino
@@ -306,10 +348,11 @@ def _acquire(path: Path, target: Path) -> int:
         os.close(fd)
 
 
-def _busy(target: Path, owner: str) -> HubmergeError:
-    return HubmergeError(
+def _busy(target: Path, owner: str) -> OutputError:
+    return OutputError(
         f"output {target} is being written by another hubmerge run (pid {owner}); "
-        "wait for it to finish or choose another --output"
+        "wait for it to finish or choose another --output",
+        path=target,
     )
 
 
@@ -419,9 +462,10 @@ def _put_in_place(staging: Path, target: Path, overwrite: bool) -> None:
             kept = target.with_name(f"{target.name}.hubmerge-{dt.datetime.now():%Y%m%d-%H%M%S}-{os.getpid()}")
             os.rename(staging, kept)
             why = "" if not overwrite else " and holds what hubmerge did not write"
-            raise HubmergeError(
+            raise OutputError(
                 f"output {target} appeared while this run was writing{why}; nothing was replaced, "
-                f"the complete result is in {kept}"
+                f"the complete result is in {kept}",
+                path=target,
             )
         retired = make_sibling(target, "old")
         os.rename(target, retired / "previous")

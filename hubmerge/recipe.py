@@ -20,7 +20,7 @@ from pydantic import (
     model_validator,
 )
 
-from hubmerge.errors import HubmergeError
+from hubmerge.errors import RecipeError
 from hubmerge.methods import METHODS
 
 TASK_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
@@ -390,10 +390,10 @@ MERGEKIT_KEYS = ("merge_method", "base_model", "slices", "modules", "tokenizer_s
 def parse_recipe(data: Any, origin: str = "<recipe>") -> Recipe:
     """Validate an already-loaded recipe mapping; errors name `origin` and every offending field."""
     if not isinstance(data, dict):
-        raise HubmergeError(f"{origin}: a recipe must be a YAML mapping, got {type(data).__name__}")
+        raise RecipeError(f"{origin}: a recipe must be a YAML mapping, got {type(data).__name__}")
     if "merge_method" in data and not {"version", "method"} & data.keys():
         found = ", ".join(k for k in MERGEKIT_KEYS if k in data)
-        raise HubmergeError(
+        raise RecipeError(
             f"{origin}: this looks like a mergekit config ({found}); hubmerge recipes look like "
             f"'version: 1 / base: / models: / method:'; convert it with: hubmerge convert-mergekit {origin}"
         )
@@ -401,8 +401,14 @@ def parse_recipe(data: Any, origin: str = "<recipe>") -> Recipe:
         return Recipe.model_validate(data)
     except ValidationError as err:
         problems = _problems(err, Recipe, "unknown field")
-    summary = problems[0] if len(problems) == 1 else f"{len(problems)} problems: " + "; ".join(problems)
-    raise HubmergeError(f"{origin}: {summary}")
+        summary = problems[0] if len(problems) == 1 else f"{len(problems)} problems: " + "; ".join(problems)
+        raise RecipeError(f"{origin}: {summary}", field=_field_of(problems[0])) from err
+
+
+def _field_of(problem: str) -> str | None:
+    """The field a message of `_problems` names (`models.1.name: ...` -> `models.1.name`), if any."""
+    head, sep, _ = problem.partition(": ")
+    return head if sep and head and " " not in head else None
 
 
 def read_yaml(path: Path) -> Any:
@@ -412,16 +418,16 @@ def read_yaml(path: Path) -> Any:
     except yaml.MarkedYAMLError as err:
         mark = err.problem_mark
         where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark else str(path)
-        raise HubmergeError(f"{where}: malformed YAML: {err.problem or err}") from None
+        raise RecipeError(f"{where}: malformed YAML: {err.problem or err}", path=path) from err
     except (yaml.YAMLError, UnicodeDecodeError) as err:
-        raise HubmergeError(f"{path}: malformed YAML: {str(err).splitlines()[0]}") from None
+        raise RecipeError(f"{path}: malformed YAML: {str(err).splitlines()[0]}", path=path) from err
 
 
 def load_recipe(path: str | Path) -> Recipe:
     """Read and validate a recipe file."""
     path = Path(path)
     if path.is_dir():
-        raise HubmergeError(f"{path} is a directory; give the recipe's YAML file")
+        raise RecipeError(f"{path} is a directory; give the recipe's YAML file", path=path)
     if not path.is_file():
-        raise HubmergeError(f"recipe file not found: {path}")
+        raise RecipeError(f"recipe file not found: {path}", path=path)
     return parse_recipe(read_yaml(path), str(path))

@@ -35,7 +35,7 @@ from hubmerge.card import write_card
 from hubmerge.compressed import CompressedMerge
 from hubmerge.distributed import SINGLE, Group
 from hubmerge.engine import Engine
-from hubmerge.errors import HubmergeError
+from hubmerge.errors import HubmergeError, RecipeError
 from hubmerge.evaluation import Evaluator, Overlay, mean, normalized
 from hubmerge.hub import Published
 from hubmerge.integrity import (
@@ -57,6 +57,7 @@ from hubmerge.output import (
 from hubmerge.planning import DEFAULT_BLOCK_ENTRIES, MergeJob, prepare, resolve_device
 from hubmerge.private import task_parts
 from hubmerge.recipe import ModelEntry, PushTarget, Recipe, is_hub_id
+from hubmerge.record import RunRecord
 from hubmerge.search import SearchResult, overlay_of, read_overlay, run_search
 from hubmerge.serving import TaskSwitcher
 from hubmerge.sources import Checkpoint
@@ -168,7 +169,8 @@ def run_record(
         record["storage"] = artifact_storage(
             job, engine.stats.kept if job.spec.own_values else None, parts or []
         )
-    return record
+    # checked against the model of a run record; its JSON object is the same, key for key
+    return RunRecord.model_validate(record).to_dict()
 
 
 def artifact_storage(job: MergeJob, kept: list[int] | None, parts: list[dict[str, Any]]) -> dict[str, Any]:
@@ -217,7 +219,7 @@ def write_task_parts(job: MergeJob, engine: Engine, staging: Path) -> list[dict[
 def resolve_output(recipe: Recipe, output: Path | None) -> Path:
     target = output or (Path(recipe.output) if recipe.output else None)
     if target is None:
-        raise HubmergeError("no output directory: set `output:` in the recipe or pass --output")
+        raise RecipeError("no output directory: set `output:` in the recipe or pass --output", field="output")
     return target
 
 
@@ -510,7 +512,7 @@ def evaluate_output(
 ) -> dict[str, Any]:
     """Score an existing output of `recipe` and record the result in its hubmerge.json and model card."""
     if recipe.evaluation is None:
-        raise HubmergeError(f"{origin}: has no `evaluation:` section")
+        raise RecipeError(f"{origin}: has no `evaluation:` section", field="evaluation")
     target = resolve_output(recipe, Path(output) if output else None)
     with output_lock(target):  # a run replacing the output meanwhile would get this record
         record = read_manifest(target)
@@ -541,9 +543,10 @@ def search_record(result: SearchResult, recipe: Recipe) -> dict[str, Any]:
 def check_subfolder_names(tasks: list[str]) -> None:
     clashing = [t for t in tasks if t in RESERVED_NAMES]
     if clashing:
-        raise HubmergeError(
+        raise RecipeError(
             f"task {clashing[0]!r}: its subfolder would clash with the artifact's own {clashing[0]!r}; "
-            "rename the task to export subfolders"
+            "rename the task to export subfolders",
+            field="models",
         )
 
 

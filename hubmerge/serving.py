@@ -96,10 +96,10 @@ def _empty_open_clip(config_file: Path, dtype: torch.dtype, task: str) -> Any:
     try:
         import open_clip
         from open_clip.transform import PreprocessCfg, merge_preprocess_dict
-    except ImportError:
+    except ImportError as err:
         raise HubmergeError(
             f"task {task!r} is an open_clip model; install the clip extra: pip install 'hubmerge[clip]'"
-        ) from None
+        ) from err
     config = json.loads(config_file.read_text())
     model_cfg = copy.deepcopy(config["model_cfg"])
     vision_cfg, text_cfg = model_cfg.get("vision_cfg", {}), model_cfg.get("text_cfg", {})

@@ -17,7 +17,7 @@ import torch
 import yaml
 
 from hubmerge import hub
-from hubmerge.errors import HubmergeError
+from hubmerge.errors import SourceError
 from hubmerge.hub import (
     BIN_INDEX,
     CARD_FILE,
@@ -25,7 +25,6 @@ from hubmerge.hub import (
     SAFETENSORS_INDEX,
     SUPPORT_FILES,
     HubSource,
-    SourceError,
 )
 from hubmerge.recipe import is_hub_id
 
@@ -192,7 +191,7 @@ def parse_safetensors_header(header: dict, data_size: int, origin: str) -> dict[
     if not isinstance(metadata, dict) or not all(
         isinstance(k, str) and isinstance(v, str) for k, v in metadata.items()
     ):
-        raise HubmergeError(f"{origin}: __metadata__ must map strings to strings")
+        raise SourceError(f"{origin}: __metadata__ must map strings to strings", path=origin)
     spans: list[tuple[int, int, str]] = []
     entries: dict[str, tuple[TensorInfo, int]] = {}
     for key, entry in header.items():
@@ -200,33 +199,36 @@ def parse_safetensors_header(header: dict, data_size: int, origin: str) -> dict[
             continue
         parsed = _tensor_entry(entry)
         if isinstance(parsed, str):
-            raise HubmergeError(f"{origin}: tensor {key!r}: {parsed}")
+            raise SourceError(f"{origin}: tensor {key!r}: {parsed}", path=origin)
         info, start, end = parsed
         entries[key] = (info, start)
         spans.append((start, end, key))
     covered, previous = 0, None
     for start, end, key in sorted(spans):
         if start < covered:
-            raise HubmergeError(
-                f"{origin}: tensor {key!r} overlaps {previous!r} ({_offsets_text(start, end)})"
+            raise SourceError(
+                f"{origin}: tensor {key!r} overlaps {previous!r} ({_offsets_text(start, end)})", path=origin
             )
         if start > covered:
             after = f"after {previous!r}" if previous else "at the start of the data"
-            raise HubmergeError(
+            raise SourceError(
                 f"{origin}: tensor {key!r} ({_offsets_text(start, end)}) leaves {start - covered} bytes "
-                f"{after} that belong to no tensor"
+                f"{after} that belong to no tensor",
+                path=origin,
             )
         covered, previous = end, key
     if covered > data_size:
-        raise HubmergeError(
+        raise SourceError(
             f"{origin}: tensor {previous!r} ends at byte {covered} of a data section of {data_size} bytes "
-            "(the file is truncated)"
+            "(the file is truncated)",
+            path=origin,
         )
     if covered < data_size:
         last = f"the last tensor, {previous!r}" if previous else "an empty header"
-        raise HubmergeError(
+        raise SourceError(
             f"{origin}: {data_size - covered} bytes after {last} belong to no tensor "
-            f"(the data section holds {data_size}, the header accounts for {covered})"
+            f"(the data section holds {data_size}, the header accounts for {covered})",
+            path=origin,
         )
     return entries
 
@@ -248,14 +250,18 @@ class SafetensorsReader:
             prefix = f.read(8)
             header_size = struct.unpack("<Q", prefix)[0] if len(prefix) == 8 else -1
             if not 0 < header_size <= min(self.MAX_HEADER, size - 8):
-                raise HubmergeError(f"{path}: not a safetensors file (bad header size)")
+                raise SourceError(f"{path}: not a safetensors file (bad header size)", path=path)
             raw = f.read(header_size)
         if not raw.startswith(b"{"):
-            raise HubmergeError(f"{path}: not a safetensors file (the header does not start with '{{')")
+            raise SourceError(
+                f"{path}: not a safetensors file (the header does not start with '{{')", path=path
+            )
         try:
             header = json.loads(raw)
         except (json.JSONDecodeError, UnicodeDecodeError) as err:
-            raise HubmergeError(f"{path}: not a safetensors file (unreadable header: {err})") from None
+            raise SourceError(
+                f"{path}: not a safetensors file (unreadable header: {err})", path=path
+            ) from err
         self._data_start = 8 + header_size
         entries = parse_safetensors_header(header, size - self._data_start, str(path))
         self.infos: dict[str, TensorInfo] = {key: info for key, (info, _) in entries.items()}
@@ -280,7 +286,7 @@ class SafetensorsReader:
         while done < piece.nbytes:
             got = os.preadv(self._fd, [view[done:]], offset + done)
             if got == 0:
-                raise HubmergeError(f"{self.path}: file ended while reading {key!r}")
+                raise SourceError(f"{self.path}: file ended while reading {key!r}", path=self.path)
             done += got
         return buffer.view(info.dtype).reshape(shape)
 
@@ -313,16 +319,19 @@ def _load_pickled_weights(path: Path) -> dict[str, torch.Tensor]:
                 raise
             data = torch.load(path, map_location="cpu", weights_only=True)  # legacy (non-zip) format
     except pickle.UnpicklingError as err:
-        raise HubmergeError(
+        raise SourceError(
             f"{path}: refusing to load: it needs unsafe unpickling ({_unpickling_reason(err)}); "
-            "convert it to safetensors"
-        ) from None
+            "convert it to safetensors",
+            path=path,
+        ) from err
     except (RuntimeError, OSError, EOFError) as err:
-        raise HubmergeError(f"{path}: not a readable PyTorch checkpoint ({err})") from None
+        raise SourceError(f"{path}: not a readable PyTorch checkpoint ({err})", path=path) from err
     if not isinstance(data, dict) or not all(
         isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in data.items()
     ):
-        raise HubmergeError(f"{path}: expected a flat mapping of tensor names to tensors (a state dict)")
+        raise SourceError(
+            f"{path}: expected a flat mapping of tensor names to tensors (a state dict)", path=path
+        )
     return data
 
 
@@ -336,7 +345,7 @@ def _unpickling_reason(err: Exception) -> str:
 def _weight_files(root: Path) -> list[Path]:
     if root.is_file():
         if root.suffix not in (".safetensors", ".bin", ".pt", ".pth"):
-            raise HubmergeError(f"{root}: not a weights file (.safetensors, .bin, .pt, .pth)")
+            raise SourceError(f"{root}: not a weights file (.safetensors, .bin, .pt, .pth)", path=root)
         return [root]
     for index_name in (SAFETENSORS_INDEX, BIN_INDEX):
         index = root / index_name
@@ -344,11 +353,11 @@ def _weight_files(root: Path) -> list[Path]:
             try:
                 weight_map = json.loads(index.read_text())["weight_map"]
             except (json.JSONDecodeError, KeyError, TypeError) as err:
-                raise HubmergeError(f"{index}: malformed shard index ({err})") from None
+                raise SourceError(f"{index}: malformed shard index ({err})", path=index) from err
             files = [root / name for name in dict.fromkeys(weight_map.values())]
             for f in files:
                 if not f.is_file():
-                    raise HubmergeError(f"{index}: shard {f.name} is missing")
+                    raise SourceError(f"{index}: shard {f.name} is missing", path=f)
             return files
     singles = (
         "model.safetensors",
@@ -363,9 +372,10 @@ def _weight_files(root: Path) -> list[Path]:
     if len(candidates) == 1:
         return candidates
     found = ", ".join(p.name for p in candidates) if candidates else "none"
-    raise HubmergeError(
+    raise SourceError(
         f"{root}: no model weights found (looked for {SAFETENSORS_INDEX}, model.safetensors, {BIN_INDEX}, "
-        f"pytorch_model.bin, open_clip_pytorch_model.bin, or a single *.safetensors; found: {found})"
+        f"pytorch_model.bin, open_clip_pytorch_model.bin, or a single *.safetensors; found: {found})",
+        path=root,
     )
 
 
@@ -376,7 +386,7 @@ def open_local(path: Path, provenance: Provenance) -> Checkpoint:
         items = ckpt._reader(f).infos.items()
         for k, info in items:
             if k in ckpt.infos:
-                raise HubmergeError(f"{path}: tensor {k!r} appears in more than one shard")
+                raise SourceError(f"{path}: tensor {k!r} appears in more than one shard", path=path)
             ckpt.infos[k] = info
             ckpt._key_file[k] = f
     if path.is_dir():
@@ -408,12 +418,14 @@ def locate_source(spec: str, *, token: str | None = None, endpoint: str | None =
             reason = "no such file or directory"
             hints = () if path.is_absolute() else (hub.relative_hint(),)
             detail = "; ".join((reason, *hints))
-            raise SourceError(f"source not found: {spec} ({detail})", spec, reason, missing=True, hints=hints)
+            raise SourceError(
+                f"source not found: {spec} ({detail})", spec, reason, missing=True, hints=hints, path=path
+            )
         return path
     return hub.resolve(spec, token=token, endpoint=endpoint)
 
 
-def sources_error(errors: list[SourceError]) -> HubmergeError:
+def sources_error(errors: list[SourceError]) -> SourceError:
     """One error for every source that cannot be located: `3 sources not found: ./a (...), org/x (...)`.
 
     Args:
@@ -427,7 +439,7 @@ def sources_error(errors: list[SourceError]) -> HubmergeError:
     what = "not found" if all(e.missing for e in errors) else "cannot be used"
     listed = ", ".join(f"{e.spec} ({e.reason})" for e in errors)
     hints = "".join(f"; {h}" for h in dict.fromkeys(h for e in errors for h in e.hints))
-    return HubmergeError(f"{len(errors)} sources {what}: {listed}{hints}")
+    return SourceError(f"{len(errors)} sources {what}: {listed}{hints}", missing=what == "not found")
 
 
 def open_source(
@@ -483,7 +495,9 @@ def check_compatible(
     merged = {k for k, info in base.infos.items() if info.is_float and selected(k)}
     if not any(base.infos[k].numel for k in merged):
         what = "selected by include/exclude" if merged or base.infos else "in the base"
-        raise HubmergeError(f"base {base.name}: has no floating-point weights {what}, nothing to merge")
+        raise SourceError(
+            f"base {base.name}: has no floating-point weights {what}, nothing to merge", base.name
+        )
 
     def head(keys: list[str]) -> str:
         shown = ", ".join(keys[:3])
@@ -523,6 +537,6 @@ def check_compatible(
                 "merge only that part with `include:` (e.g. include: ['vision_model.*'])"
             )
         if problems:
-            raise HubmergeError(
-                f"model {name!r} ({model.name}) does not match the base: " + "; ".join(problems)
+            raise SourceError(
+                f"model {name!r} ({model.name}) does not match the base: " + "; ".join(problems), model.name
             )

@@ -37,10 +37,10 @@ def parse_shard_size(value: int | str, option: str = "--max-shard-size") -> int:
     else:
         try:
             size = parse_size_to_int(str(value))
-        except ValueError:
+        except ValueError as err:
             raise HubmergeError(
                 f"{option} {value}: not a size; write a number and a unit, e.g. 5GB, 500MB, 100KB or 1TB"
-            ) from None
+            ) from err
     if size <= 0:
         raise HubmergeError(f"{option} {value}: must be larger than zero")
     return size

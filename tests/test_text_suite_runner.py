@@ -310,3 +310,151 @@ def test_bf16_section_says_so_when_bfloat16_changes_no_test_accuracy() -> None:
         in section.splitlines()
     )
     assert "Fine-tunes:" not in section and "![" not in section  # no reference, no plot given
+
+
+def test_merged_outputs_follow_hubmerges_registry() -> None:
+    from hubmerge.methods import METHODS
+
+    assert {"task_arithmetic", "ties", "consensus", "dare_ties", "della", "model_stock"} <= run.MERGED
+    assert not {"tall_masks", "magnitude_masking", "magnitude_pruning"} & run.MERGED
+    assert {name for name, spec in METHODS.items() if spec.result == "merged"} == run.MERGED
+    methods = {m.key: m for m in run.METHODS}
+    assert run.is_merged(methods["breadcrumbs"]) and not run.is_merged(methods["tall_breadcrumbs"])
+    assert set(run.MERGEKIT_ROWS) <= set(methods)
+    # every mergekit method that merges T models has a row; SLERP / NuSLERP take one / two fine-tunes
+    mergekit = {"dare_linear", "dare_ties", "breadcrumbs", "breadcrumbs_ties", "della", "della_linear"}
+    assert mergekit | {"model_stock"} <= {methods[key].method for key in run.MERGEKIT_ROWS}
+    assert all("scaling" in methods[key].searches for key in mergekit)
+
+
+def merged_record(method: str, accuracy: dict[str, float], chosen: dict) -> dict:
+    d, finetuned = 1000, {"alpha": 0.8, "beta": 1.0}
+    record = {
+        "method": method,
+        "parameters_counted": d,
+        "tasks": [{"name": "alpha"}, {"name": "beta"}],
+        "evaluation": eval_rows(method, accuracy, finetuned),
+    }
+    if chosen:
+        record["search"] = {
+            "chosen": chosen,
+            "candidates": [{"scaling": a} for a in (0.3, 0.5, 0.7, 1.0)],
+        }
+    return record
+
+
+def test_mergekit_section_shows_the_new_rows_next_to_the_docs_ta_and_ties_rows(tmp_path: Path) -> None:
+    # the main section as --write-docs rendered it, read back as the docs' reference rows
+    main_records = {
+        "task_arithmetic": merged_record("task_arithmetic", {"alpha": 0.6, "beta": 0.9}, {"scaling": 0.5}),
+        "ties": merged_record("ties", {"alpha": 0.64, "beta": 0.8}, {"scaling": 1.0}),
+    }
+    main = run.render_section(
+        main_records,
+        finetune_report(),
+        {"task_arithmetic": {"seconds": 745.0, "threads": 2}},
+        {"date": "D0", "machine": "M", "command": "C", "grids": "G"},
+    )
+    reference = run.reference_from_docs(f"# B\n\n{run.BEGIN}\n{main}{run.END}\n")
+    assert reference is not None
+    ta = next(r for r in reference.rows if r.label == "Task Arithmetic")
+    assert ta == run.ReferenceRow("Task Arithmetic", 0.825, 16000)  # cells are not compared
+    assert (
+        ta.cells["alpha"] == "60.0"
+        and ta.cells["values used"] == "α = 0.5"
+        and ta.cells["run s"] == "745 (2 thr.)"
+    )
+
+    records = {
+        "dare_ties": merged_record("dare_ties", {"alpha": 0.56, "beta": 0.9}, {"lambda": 0.7}),
+        "model_stock": merged_record("model_stock", {"alpha": 0.4, "beta": 0.6}, {}),
+        "consensus_dare_ties": merged_record(
+            "consensus", {"alpha": 0.6, "beta": 1.0}, {"k": 2, "scaling": 0.5}
+        ),
+        "tall_breadcrumbs": tall_record({"alpha": 0.8, "beta": 1.0}, {"alpha": 0.2, "beta": 0.5}, 32),
+        "task_arithmetic": main_records["task_arithmetic"],  # not a row of this subsection
+    }
+    records["consensus_dare_ties"]["search"]["candidates"] = [
+        {"k": k, "scaling": a} for k in (1, 2) for a in (0.3, 0.5, 0.7, 1.0)
+    ]
+    context = {
+        "date": "D",
+        "machine": "M",
+        "commands": ["cmd one", "cmd two"],
+        "grids": "G.",
+        "checks": ["Check: identical."],
+    }
+
+    section = run.render_mergekit_section(
+        records, {"dare_ties": {"seconds": 401.4, "threads": 1}}, context, reference
+    )
+    lines = section.splitlines()
+
+    assert section.startswith("### ") and "**Partial run**" in section
+    partial = next(line for line in lines if line.startswith("**Partial run**"))
+    assert "DARE (linear)" in partial and "DELLA" in partial and "DARE-TIES" not in partial
+    assert "SLERP and NuSLERP" in section and "G." in section
+    assert "are the rows of the table above (D0), marked †, on the same fine-tunes" in section
+    # the main table's format: tasks, mean, normalized; zero-shot first, TA / TIES from the docs, fine-tuned last
+    assert "| zero-shot | 25.0 | 50.0 | 37.5 | 40.6 |" in lines
+    assert "| Task Arithmetic † | 60.0 | 90.0 | 75.0 | 82.5 |" in lines
+    assert "| TIES † | 64.0 | 80.0 | 72.0 | 80.0 |" in lines
+    assert "| DARE-TIES | 56.0 | 90.0 | 73.0 | 80.0 |" in lines
+    assert "| Model Stock | 40.0 | 60.0 | 50.0 | 55.0 |" in lines
+    assert "| Consensus DARE-TIES | 60.0 | 100.0 | 80.0 | 87.5 |" in lines
+    assert "| TALL masks + Breadcrumbs | 80.0 | 100.0 | 90.0 | 100.0 |" in lines
+    assert "| DARE (linear) | — | — | — | — |" in lines
+    assert (
+        section.index("| zero-shot |")
+        < section.index("| Task Arithmetic † |")
+        < section.index("| DARE-TIES |")
+        < section.index("| fine-tuned | 80.0 | 100.0 | 90.0 | 100.0 |")
+    )
+    # chosen values: mergekit's α is its `lambda`; composed options shown under their method's name
+    assert (
+        "| Task Arithmetic † | α ∈ {0.3, 0.5, 0.7, 1} (reduced) | α = 0.5 | 32,000 | — | 0.500× | 745 (2 thr.) |"
+        in lines
+    )
+    assert (
+        "| DARE-TIES | α ∈ {0.3, 0.5, 0.7, 1} (reduced) | density = 0.5; α (`lambda`) = 0.7 | 32,000 | — | "
+        "0.500× | 401 (1 thr.) |" in lines
+    )
+    assert "| Model Stock | — | — | 32,000 | — | 0.500× | — |" in lines
+    assert (
+        "| Consensus DARE-TIES | k ∈ {1, 2} (reduced), α ∈ {0.3, 0.5, 0.7, 1} (reduced) | merge = dare_ties; "
+        "dare_ties.density = 0.5; lambda = 0.4; k = 2; α = 0.5 | 32,000 | — | 0.500× | — |" in lines
+    )
+    assert (
+        "| TALL masks + Breadcrumbs | λ ∈ {0.2, 0.3, 0.4, 0.5, 0.6} | merge = breadcrumbs; breadcrumbs.density = "
+        "0.9; breadcrumbs.gamma = 0.01; λ per task (alpha 0.2, beta 0.5) | 34,000 | 66,000 | 0.531× | — |"
+        in lines
+    )
+    assert "Merged models (DARE-TIES, Model Stock, Consensus DARE-TIES) store 32·P′ bits." in section
+    assert "Compressed artifacts (TALL masks + Breadcrumbs)" in section
+    assert "- DARE-TIES: 80.0 % normalized, -2.5 points against Task Arithmetic †" in lines
+    assert "- TALL masks + Breadcrumbs: 100.0 % normalized, +17.5 points against Task Arithmetic †" in lines
+    assert lines[-1] == "Check: identical."
+    assert (
+        "The † rows searched the paper's α grid; the α they chose (Task Arithmetic 0.5, TIES 1) lie in the grid "
+        "searched here, so this grid would have chosen the same α for them." in lines
+    )
+    assert section.index("| DARE (linear) | — |") < section.index("| fine-tuned |")
+
+    # no reference in the docs: only this run's rows
+    alone = run.render_mergekit_section(records, {}, context)
+    assert "†" not in alone and "| zero-shot |" in alone and "against Task Arithmetic" not in alone
+
+
+def test_mergekit_subsection_goes_after_the_bf16_notes_and_is_replaced_in_place(tmp_path: Path) -> None:
+    docs = tmp_path / "benchmarks.md"
+    before = (
+        f"# B\n\n{run.BEGIN}\nsuite\n{run.END}\n\n{run.BF16_BEGIN}\nbf16\n{run.BF16_END}\n\n### Notes\n\nnotes\n"
+        "\n<!-- other: begin -->\nx\n<!-- other: end -->\n"
+    )
+    docs.write_text(before)
+
+    run.write_mergekit_docs("first\n", docs)
+    run.write_mergekit_docs("second\n", docs)
+
+    block = f"{run.MERGEKIT_BEGIN}\nsecond\n{run.MERGEKIT_END}\n"
+    assert docs.read_text() == before.replace("notes\n\n<!-- other", f"notes\n\n{block}\n<!-- other")

@@ -11,7 +11,10 @@ after an interruption only renders what is there. `--write-docs` replaces the su
 `docs/benchmarks.md` (between `<!-- text_suite: begin -->` and `<!-- text_suite: end -->`);
 `--write-bf16-docs` replaces only the τ_MTL-in-bfloat16 subsection (between `<!-- text_suite_bf16: begin -->`
 and `<!-- text_suite_bf16: end -->`: the four TALL rows, float32 and bfloat16 τ_MTL, with their storage) and
-draws its storage-vs-accuracy plot.
+draws its storage-vs-accuracy plot; `--write-mergekit-docs` replaces only the mergekit-methods subsection (between
+`<!-- text_suite_mergekit: begin -->` and `<!-- text_suite_mergekit: end -->`: DARE, Breadcrumbs, DELLA, Model
+Stock and two compositions, next to the main table's TA and TIES rows read back from the docs) after checking
+that DARE at density 1 merges exactly as Task Arithmetic does.
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ import hashlib
 import json
 import os
 import platform
+import re
 import shutil
 import subprocess
 import sys
@@ -38,9 +42,11 @@ sys.path.insert(0, str(ROOT))  # as a script, only this folder is on the path
 
 from benchmarks.synthetic import DOCS, cpu_model, write_docs  # noqa: E402
 from benchmarks.text_suite.finetune import CACHE, configure_torch  # noqa: E402
+from hubmerge.methods import METHODS as HUB_METHODS  # noqa: E402
 
 BEGIN, END = "<!-- text_suite: begin -->", "<!-- text_suite: end -->"
 BF16_BEGIN, BF16_END = "<!-- text_suite_bf16: begin -->", "<!-- text_suite_bf16: end -->"
+MERGEKIT_BEGIN, MERGEKIT_END = "<!-- text_suite_mergekit: begin -->", "<!-- text_suite_mergekit: end -->"
 AGREEMENT_PNG = "text_suite_mask_agreement.png"
 STORAGE_PNG = "text_suite_storage_accuracy.png"
 # The paper's grids (also hubmerge's defaults); the command line can shrink them when time is short.
@@ -97,10 +103,60 @@ METHODS = (
         ("lambda",),
         tau_dtype="bfloat16",
     ),
+    # mergekit's methods (hubmerge/methods/): their α (`lambda`) searched on validation like TA and TIES;
+    # normalize / rescale left at mergekit's defaults. SLERP and NuSLERP take one / two fine-tunes: no row.
+    Method("dare_linear", "DARE (linear)", "dare_linear", {"density": 0.5}, ("scaling",)),
+    Method("dare_ties", "DARE-TIES", "dare_ties", {"density": 0.5}, ("scaling",)),
+    Method("breadcrumbs", "Breadcrumbs", "breadcrumbs", {"density": 0.9, "gamma": 0.01}, ("scaling",)),
+    Method(
+        "breadcrumbs_ties",
+        "Breadcrumbs-TIES",
+        "breadcrumbs_ties",
+        {"density": 0.9, "gamma": 0.01},
+        ("scaling",),
+    ),
+    Method("della", "DELLA", "della", {"density": 0.5, "epsilon": 0.1}, ("scaling",)),
+    Method("della_linear", "DELLA (linear)", "della_linear", {"density": 0.5, "epsilon": 0.1}, ("scaling",)),
+    Method("model_stock", "Model Stock", "model_stock"),
+    Method(
+        "consensus_dare_ties",
+        "Consensus DARE-TIES",
+        "consensus",
+        {"merge": "dare_ties", "dare_ties": {"density": 0.5}, "lambda": 0.4},
+        ("k", "scaling"),
+    ),
+    Method(
+        "tall_breadcrumbs",
+        "TALL masks + Breadcrumbs",
+        "tall_masks",
+        {"merge": "breadcrumbs", "breadcrumbs": {"density": 0.9, "gamma": 0.01}},
+        ("lambda",),
+    ),
 )
 # The rows of the τ_MTL-in-bfloat16 subsection, each float32 row next to its bfloat16 twin.
 TAU_DTYPE_ROWS = ("tall_ta", "tall_ta_bf16", "tall_ties", "tall_ties_bf16")
-MERGED = {"weight_average", "task_arithmetic", "ties", "consensus"}  # one model, no per-task artifact
+# The rows of the mergekit-methods subsection (the methods hubmerge took over from mergekit, and two
+# compositions of TALL masks / Consensus with them).
+MERGEKIT_ROWS = (
+    "dare_linear",
+    "dare_ties",
+    "breadcrumbs",
+    "breadcrumbs_ties",
+    "della",
+    "della_linear",
+    "model_stock",
+    "consensus_dare_ties",
+    "tall_breadcrumbs",
+)
+# The main table's rows that the mergekit subsection repeats (read back from the docs) for comparison.
+MERGEKIT_REFERENCE_LABELS = ("Task Arithmetic", "TIES")
+# hubmerge methods whose output is one merged model (no per-task artifact), from hubmerge's registry.
+MERGED = frozenset(name for name, spec in HUB_METHODS.items() if spec.result == "merged")
+
+
+def is_merged(method: Method) -> bool:
+    """Whether ``method`` writes one merged model (else a compressed artifact with per-task parts)."""
+    return method.method in MERGED
 
 
 @dataclass(frozen=True)
@@ -193,7 +249,14 @@ def recipe_for(
 def chosen_setting(record: Mapping[str, Any], method: Method) -> str:
     """The values a run used, as the report shows them: searched ones from the search, others as set."""
     chosen = record.get("search", {}).get("chosen", {})
-    parts = [f"{k} = {v}" for k, v in method.parameters.items() if k not in chosen]
+    parts = []
+    for k, v in method.parameters.items():
+        if k in chosen:
+            continue
+        if isinstance(v, Mapping):  # a composed method's options (`dare_ties: {density: 0.5}`)
+            parts += [f"{k}.{name} = {value}" for name, value in v.items()]
+        else:
+            parts.append(f"{k} = {v}")
     if method.tau_dtype:
         parts.append(f"τ_MTL {method.tau_dtype}")
     for name, value in chosen.items():
@@ -201,7 +264,9 @@ def chosen_setting(record: Mapping[str, Any], method: Method) -> str:
             value = ", ".join(f"{task} {lam}" for task, lam in value.items())
             parts.append(f"λ per task ({value})")
         else:
-            parts.append(f"{'α' if name == 'scaling' else name} = {value}")
+            # mergekit's methods call their α `lambda` (a number; TALL's λ per task is a mapping)
+            symbol = {"scaling": "α", "lambda": "α (`lambda`)"}.get(name, name)
+            parts.append(f"{symbol} = {value}")
     return "; ".join(parts) or "—"
 
 
@@ -405,6 +470,9 @@ class ReferenceRow:
     label: str
     normalized: float
     bits_per_task: float
+    # the row's cells in the accuracy and storage tables, by column header (task names, "mean", "values
+    # used", "run s", ...); not compared, so a row equals another with the same numbers
+    cells: Mapping[str, str] = field(default_factory=dict, compare=False)
 
 
 @dataclass(frozen=True)
@@ -430,6 +498,7 @@ def reference_from_docs(text: str) -> Reference | None:
     normalized: dict[str, float] = {}
     stored: dict[str, int] = {}
     finetuned: dict[str, float] = {}
+    cells_of: dict[str, dict[str, str]] = {}
     header: list[str] = []
     for line in section.splitlines():
         if line.startswith("- date: ") and not date:
@@ -447,6 +516,7 @@ def reference_from_docs(text: str) -> Reference | None:
             continue
         row = dict(zip(header, cells, strict=False))
         label = cells[0]
+        cells_of.setdefault(label, {}).update(list(row.items())[1:])
         if row.get("normalized", "—") != "—":
             normalized[label] = float(row["normalized"]) / 100
             if label == "fine-tuned":
@@ -456,7 +526,7 @@ def reference_from_docs(text: str) -> Reference | None:
     if not tasks or not stored:
         return None
     rows = [
-        ReferenceRow(label, normalized[label], bits / len(tasks))
+        ReferenceRow(label, normalized[label], bits / len(tasks), cells_of[label])
         for label, bits in stored.items()
         if label in normalized
     ]
@@ -734,15 +804,234 @@ def plot_storage_accuracy(
 def write_bf16_docs(section: str, docs: Path = DOCS) -> None:
     """Write the τ_MTL-in-bfloat16 subsection between its markers; the first time, place them after the
     suite's section and the notes that follow it (before the next generated section), else at the end."""
+    write_after(section, END, BF16_BEGIN, BF16_END, docs)
+
+
+def render_mergekit_section(
+    records: Mapping[str, Mapping[str, Any]],
+    timings: Mapping[str, Mapping[str, Any]],
+    context: Mapping[str, Any],
+    reference: Reference | None = None,
+) -> str:
+    """The mergekit-methods subsection: ``MERGEKIT_ROWS`` in the main table's format, between this run's
+    zero-shot and fine-tuned rows, with the main table's TA and TIES rows (read back from the docs, as
+    ``reference``) for comparison.
+
+    ``records`` maps method keys to their ``hubmerge.json``; ``timings`` the runner's ``<key>.run.json``;
+    ``context`` gives ``date``, ``machine``, ``commands`` (a list), ``grids`` (free text) and optionally
+    ``checks`` (lines, e.g. the density-1 identity check).
+    """
+    methods = {m.key: m for m in METHODS}
+    done = [methods[key] for key in MERGEKIT_ROWS if key in records]
+    missing = [methods[key] for key in MERGEKIT_ROWS if key not in records]
+    lines = ["### mergekit's methods: DARE, Breadcrumbs, DELLA, Model Stock", ""]
+    if not done:
+        return "\n".join([*lines, "Not run yet.", ""])
+    if missing:
+        lines += [f"**Partial run**: not run: {', '.join(m.label for m in missing)}.", ""]
+    first = records[done[0].key]
+    tasks = [t["name"] for t in first["tasks"]]
+    matches = finetunes_match(first, reference)
+    shown = {r.label: r for r in reference.rows} if reference is not None else {}
+    compared = [shown[label] for label in MERGEKIT_REFERENCE_LABELS if label in shown]
+    compared = [r for r in compared if all(t in r.cells for t in tasks)]
+    lines += [f"- date: {context['date']}", f"- machine: {context['machine']}", "- commands:", "", "```"]
+    lines += list(context["commands"])
+    lines += [
+        "```",
+        "",
+        "The merge methods hubmerge took over from mergekit (`hubmerge methods`), on the suite's 8 encoders "
+        "with the main table's setting: values searched on the validation splits (mean normalized accuracy), "
+        "reported on test. Each merged method's α (mergekit's `lambda`, which multiplies the merged vector) "
+        "is searched like Task Arithmetic's and TIES's α; `normalize` and `rescale` keep mergekit's defaults "
+        "(`hubmerge methods`), weights are 1. DARE and DELLA drop entries at random (seed 0). Model Stock "
+        "has no parameter to search. Two compositions use a mergekit method's vector as τ_MTL: Consensus "
+        "over DARE-TIES and TALL masks over Breadcrumbs. SLERP and NuSLERP interpolate between the base and "
+        "one fine-tune, or between two fine-tunes, so they cannot merge eight tasks and have no row. "
+        f"{context['grids']}",
+        "",
+        "Zero-shot, fine-tuned and the new rows come from the runs listed here"
+        + (
+            f"; {' and '.join(r.label for r in compared)} are the rows of the table above "
+            f"({reference.date}), marked †"
+            + {
+                None: "",
+                True: ", on the same fine-tunes (that table's fine-tuned row equals this run's task by task)",
+                False: ", measured on other fine-tunes: compare them with care",
+            }[matches]
+            if compared and reference is not None
+            else ""
+        )
+        + ".",
+        "",
+        "Test accuracy (%), each task with its own head; normalized = accuracy / fine-tuned accuracy, "
+        "averaged over tasks:",
+        "",
+        "| method | " + " | ".join(tasks) + " | mean | normalized |",
+        "|---|" + "---|" * (len(tasks) + 2),
+    ]
+    rows: list[tuple[str, list[str], str, str]] = []
+
+    def measured(label: str, row: Mapping[str, Any]) -> None:
+        rows.append(
+            (
+                label,
+                [percent(row["accuracy"][t]) for t in tasks],
+                percent(row["mean_accuracy"]),
+                percent(row["mean_normalized"]),
+            )
+        )
+
+    measured("zero-shot", first["evaluation"]["rows"]["zero-shot"])
+    for r in compared:
+        rows.append(
+            (f"{r.label} †", [r.cells[t] for t in tasks], r.cells.get("mean", "—"), percent(r.normalized))
+        )
+    for method in done:
+        measured(method.label, records[method.key]["evaluation"]["rows"][method.method])
+    rows += [(m.label, ["—" for _ in tasks], "—", "—") for m in missing]
+    measured("fine-tuned", first["evaluation"]["rows"]["fine-tuned"])
+    for label, cells, mean_cell, norm_cell in rows:
+        lines.append(f"| {label} | {' | '.join(cells)} | {mean_cell} | {norm_cell} |")
+
+    lines += ["", "Chosen values, storage and run time:", ""]
+    lines += [
+        "| method | searched on validation | values used | stored bits | paper's bits (θ0 included) "
+        "| vs. T fine-tuned fp32 | run s |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    storage_columns = ("searched on validation", "values used", "stored bits", "paper's bits (θ0 included)")
+    for r in compared:
+        cells = [r.cells.get(c, "—") for c in (*storage_columns, "vs. T fine-tuned fp32", "run s")]
+        lines.append(f"| {r.label} † | {' | '.join(cells)} |")
+    for method in done:
+        record = records[method.key]
+        stored, paper, copies = storage_bits(record)
+        paper_cell = f"{paper:,}" if paper is not None else "—"
+        timing = timings.get(method.key)
+        seconds = f"{timing['seconds']:.0f} ({timing['threads']} thr.)" if timing else "—"
+        lines.append(
+            f"| {method.label} | {searched_grid(record)} | {chosen_setting(record, method)} | {stored:,} | "
+            f"{paper_cell} | {stored / copies:.3f}× | {seconds} |"
+        )
+    d = first["parameters_counted"]
+    merged = [m.label for m in done if is_merged(m)]
+    compressed = [m.label for m in done if not is_merged(m)]
+    lines += [
+        "",
+        f"P′ = {d:,} merged entries, T = {len(tasks)}. "
+        + (f"Merged models ({', '.join(merged)}) store 32·P′ bits. " if merged else "")
+        + (
+            f"Compressed artifacts ({', '.join(compressed)}) store τ_MTL and one mask per task: 32·P′ + T·P′. "
+            if compressed
+            else ""
+        )
+        + "*run s*: wall time of the whole `hubmerge` run (search on validation, merge, test evaluation of "
+        "zero-shot, fine-tuned and merged encoders), torch threads in brackets; the machine was shared.",
+    ]
+    # The † rows searched the paper's α grid: when the α each chose lies in the grid searched here, a search
+    # over this grid picks the same α (the best of a superset that the subset contains), so they compare.
+    alphas = {}
+    for r in compared:
+        found = re.search(r"(?:^|; )α = ([0-9.]+)", r.cells.get("values used", ""))
+        if found:
+            alphas[r.label] = float(found.group(1))
+    grid = sorted(
+        {
+            c["scaling"]
+            for key in MERGEKIT_ROWS
+            if key in records
+            for c in records[key].get("search", {}).get("candidates", [])
+            if "scaling" in c
+        }
+    )
+    if alphas and grid and grid != PAPER_SCALING:
+        inside = all(a in grid for a in alphas.values())
+        chosen_alphas = ", ".join(f"{label} {a:g}" for label, a in alphas.items())
+        lines += [
+            "",
+            f"The † rows searched the paper's α grid; the α they chose ({chosen_alphas}) "
+            + (
+                "lie in the grid searched here, so this grid would have chosen the same α for them."
+                if inside
+                else "are not all in the grid searched here: their rows had a finer search."
+            ),
+        ]
+    findings = []
+    anchor = shown.get("Task Arithmetic")
+    if anchor is not None:
+        for method in done:
+            value = records[method.key]["evaluation"]["rows"][method.method]["mean_normalized"]
+            findings.append(
+                f"- {method.label}: {percent(value)} % normalized, "
+                f"{100 * (value - anchor.normalized):+.1f} points against Task Arithmetic †"
+            )
+    if findings:
+        lines += ["", "Against Task Arithmetic (normalized test mean):", "", *findings]
+    if context.get("checks"):
+        lines += ["", *context["checks"]]
+    return "\n".join(lines) + "\n"
+
+
+def write_after(section: str, after: str, begin: str, end: str, docs: Path = DOCS) -> None:
+    """Write ``section`` between ``begin`` and ``end``; the first time, place the markers after the block that
+    ends with ``after`` and the notes that follow it (before the next generated section), else at the end."""
     text = docs.read_text() if docs.is_file() else ""
-    if BF16_BEGIN not in text and END in text:
-        head, _, rest = text.partition(END)
+    if begin not in text and after in text:
+        head, _, rest = text.partition(after)
         cut = rest.find("\n<!-- ")
         cut = len(rest) if cut < 0 else cut + 1
         notes = rest[:cut].rstrip("\n")
-        text = f"{head}{END}{notes}\n\n{BF16_BEGIN}\n{BF16_END}\n" + (f"\n{rest[cut:]}" if rest[cut:] else "")
+        text = f"{head}{after}{notes}\n\n{begin}\n{end}\n" + (f"\n{rest[cut:]}" if rest[cut:] else "")
         docs.write_text(text)
-    write_docs(section, BF16_BEGIN, BF16_END, docs)
+    write_docs(section, begin, end, docs)
+
+
+def write_mergekit_docs(section: str, docs: Path = DOCS) -> None:
+    """Write the mergekit-methods subsection between its markers, the first time after the bfloat16
+    subsection and its notes (or after the suite's section when there is none)."""
+    text = docs.read_text() if docs.is_file() else ""
+    write_after(section, BF16_END if BF16_END in text else END, MERGEKIT_BEGIN, MERGEKIT_END, docs)
+
+
+def density_one_check(tasks: list[SuiteTask], scratch: Path) -> str:
+    """DARE (linear) at density 1 (nothing dropped, rescale a no-op) with λ = 1 must equal Task Arithmetic
+    with α = 1: both merges run (no evaluation) and their weights are compared; a line for the docs."""
+    outputs = {}
+    for name, method, parameters in (
+        ("ta", "task_arithmetic", {"scaling": 1.0}),
+        ("dare1", "dare_linear", {"density": 1.0, "lambda": 1.0}),
+    ):
+        recipe = {
+            "version": 1,
+            "base": str(CACHE / "base"),
+            "models": [{"source": str(t.finetuned), "name": t.name} for t in tasks],
+            "method": method,
+            "parameters": parameters,
+            "output": str(scratch / name),
+        }
+        path = scratch / f"{name}.yaml"
+        path.write_text(yaml.safe_dump(recipe, sort_keys=False))
+        run_method(path)
+        outputs[name] = scratch / name
+    from safetensors.torch import load_file
+
+    def weights(directory: Path) -> dict[str, Any]:
+        tensors = {}
+        for file in sorted(directory.glob("*.safetensors")):
+            tensors.update(load_file(str(file)))
+        return {k: v.float() for k, v in tensors.items() if v.is_floating_point()}
+
+    ta, dare = weights(outputs["ta"]), weights(outputs["dare1"])
+    assert ta.keys() == dare.keys() and ta, "the two merges wrote different tensors"
+    names = sorted(ta)
+    worst = max(float((ta[k] - dare[k]).abs().max()) for k in names)
+    entries = sum(ta[k].numel() for k in names)
+    return (
+        f"Check: DARE (linear) at density 1 with λ = 1 against Task Arithmetic with α = 1, both merged from "
+        f"these fine-tunes: largest absolute difference over all {entries:,} entries of the "
+        f"{len(names)} floating-point tensors: {worst:.3g}" + (" (identical)." if worst == 0 else ".")
+    )
 
 
 def machine() -> str:
@@ -772,6 +1061,11 @@ def main(argv: list[str] | None = None) -> None:
         "--write-bf16-docs",
         action="store_true",
         help=f"replace only the τ_MTL-in-bfloat16 subsection of {DOCS} and draw its plot (docs/{STORAGE_PNG})",
+    )
+    parser.add_argument(
+        "--write-mergekit-docs",
+        action="store_true",
+        help=f"replace only the mergekit-methods subsection of {DOCS} (and check DARE at density 1 against TA)",
     )
     args = parser.parse_args(argv)
     command = ".venv/bin/python benchmarks/text_suite/run.py" + "".join(
@@ -868,6 +1162,45 @@ def main(argv: list[str] | None = None) -> None:
             plot_storage_accuracy(records, reference, DOCS.parent / STORAGE_PNG)
             write_bf16_docs(bf16_section)
             print(f"wrote the τ_MTL-in-bfloat16 subsection of {DOCS} and {DOCS.parent / STORAGE_PNG}")
+    if any(key in records for key in MERGEKIT_ROWS):
+        reference = reference_from_docs(DOCS.read_text()) if DOCS.is_file() else None
+        runs = [timings[key] for key in MERGEKIT_ROWS if key in records and key in timings]
+        finished = sorted(run["finished"] for run in runs if "finished" in run)
+        checks = []
+        if args.write_mergekit_docs:
+            import tempfile
+
+            with tempfile.TemporaryDirectory(dir=CACHE) as scratch:
+                checks.append(density_one_check(tasks, Path(scratch)))
+        reduced = any("(reduced)" in searched_grid(records[key]) for key in MERGEKIT_ROWS if key in records)
+        mergekit_context = {
+            "date": (f"rows measured {finished[0]} – {finished[-1]}; " if finished else "")
+            + f"rendered {context['date']}",
+            "machine": context["machine"],
+            "commands": list(
+                dict.fromkeys(
+                    [
+                        "benchmarks/text_suite/setup.sh",
+                        ".venv/bin/python benchmarks/text_suite/tasks.py",
+                        ".venv/bin/python benchmarks/text_suite/finetune.py",
+                        *(run["command"] for run in runs if "command" in run),
+                        command,
+                    ]
+                )
+            ),
+            "grids": context["grids"]
+            + (
+                " Here the grids were reduced (marked) so that all rows fit in about an hour of one shared core."
+                if reduced
+                else ""
+            ),
+            "checks": checks,
+        }
+        mergekit_section = render_mergekit_section(records, timings, mergekit_context, reference)
+        print(mergekit_section)
+        if args.write_mergekit_docs:
+            write_mergekit_docs(mergekit_section)
+            print(f"wrote the mergekit-methods subsection of {DOCS}")
 
 
 if __name__ == "__main__":

@@ -36,7 +36,9 @@ CITATION = Citation(
 
 class BreadcrumbsParams(Params):
     weight: PerTaskWeight = Field(1.0, description="w_t, each task vector's weight: a number or {task: w}")
-    density: float = Field(1.0, gt=0, le=1, description="share of each tensor's entries kept per task (1: all)")
+    density: float = Field(
+        1.0, gt=0, le=1, description="share of each tensor's entries kept per task (1: all)"
+    )
     gamma: float = Field(0.01, ge=0, lt=1, description="share of each tensor's largest |τ_t| dropped")
     scaling: Weight = Field(1.0, alias="lambda", description="λ, multiplies the merged vector")
     normalize: bool = Field(False, description="divide by the sum of the weights that took part")

@@ -133,36 +133,106 @@ W = [1.0, 0.5, 2.0, 1.5]
 ALL = (0, 1, 2, 3)
 CASES: dict[str, dict] = {
     "task_arithmetic": gta_case(
-        "task_arithmetic", ALL, weight=ONES, density=ONES, lam=1.0, normalize=False, rescale=False,
-        int8_mask=False),
+        "task_arithmetic",
+        ALL,
+        weight=ONES,
+        density=ONES,
+        lam=1.0,
+        normalize=False,
+        rescale=False,
+        int8_mask=False,
+    ),
     "task_arithmetic_lambda": gta_case(
-        "task_arithmetic", ALL, weight=ONES, density=ONES, lam=0.7, normalize=False, rescale=False,
-        int8_mask=False),
+        "task_arithmetic",
+        ALL,
+        weight=ONES,
+        density=ONES,
+        lam=0.7,
+        normalize=False,
+        rescale=False,
+        int8_mask=False,
+    ),
     "task_arithmetic_normalize": gta_case(
-        "task_arithmetic", ALL, weight=W, density=ONES, lam=0.9, normalize=True, rescale=False,
-        int8_mask=False),
+        "task_arithmetic",
+        ALL,
+        weight=W,
+        density=ONES,
+        lam=0.9,
+        normalize=True,
+        rescale=False,
+        int8_mask=False,
+    ),
     "ties": gta_case(
-        "ties", ALL, weight=ONES, density=[0.5] * 4, lam=1.0, normalize=True, rescale=False, int8_mask=False),
+        "ties", ALL, weight=ONES, density=[0.5] * 4, lam=1.0, normalize=True, rescale=False, int8_mask=False
+    ),
     "ties_weighted": gta_case(
-        "ties", ALL, weight=W, density=[0.3, 0.5, 0.7, 0.9], lam=0.8, normalize=True, rescale=False,
-        int8_mask=True),
+        "ties",
+        ALL,
+        weight=W,
+        density=[0.3, 0.5, 0.7, 0.9],
+        lam=0.8,
+        normalize=True,
+        rescale=False,
+        int8_mask=True,
+    ),
     "ties_rescale_sum": gta_case(
-        "ties", ALL, weight=W, density=[0.5] * 4, lam=1.0, normalize=False, rescale=True, int8_mask=False),
+        "ties", ALL, weight=W, density=[0.5] * 4, lam=1.0, normalize=False, rescale=True, int8_mask=False
+    ),
     "breadcrumbs": gta_case(
-        "breadcrumbs", ALL, weight=ONES, density=[0.6] * 4, extra_per_model={"gamma": [0.1] * 4}, lam=1.0,
-        normalize=False, rescale=False, int8_mask=False),
+        "breadcrumbs",
+        ALL,
+        weight=ONES,
+        density=[0.6] * 4,
+        extra_per_model={"gamma": [0.1] * 4},
+        lam=1.0,
+        normalize=False,
+        rescale=False,
+        int8_mask=False,
+    ),
     "breadcrumbs_weighted": gta_case(
-        "breadcrumbs", ALL, weight=W, density=[0.6] * 4, extra_per_model={"gamma": [0.1] * 4}, lam=0.9,
-        normalize=False, rescale=False, int8_mask=False),
+        "breadcrumbs",
+        ALL,
+        weight=W,
+        density=[0.6] * 4,
+        extra_per_model={"gamma": [0.1] * 4},
+        lam=0.9,
+        normalize=False,
+        rescale=False,
+        int8_mask=False,
+    ),
     "breadcrumbs_rescale_normalize": gta_case(
-        "breadcrumbs", ALL, weight=W, density=[0.6] * 4, extra_per_model={"gamma": [0.1] * 4}, lam=1.0,
-        normalize=True, rescale=True, int8_mask=False),
+        "breadcrumbs",
+        ALL,
+        weight=W,
+        density=[0.6] * 4,
+        extra_per_model={"gamma": [0.1] * 4},
+        lam=1.0,
+        normalize=True,
+        rescale=True,
+        int8_mask=False,
+    ),
     "breadcrumbs_ties": gta_case(
-        "breadcrumbs_ties", ALL, weight=ONES, density=[0.6] * 4, extra_per_model={"gamma": [0.1] * 4},
-        lam=1.0, normalize=False, rescale=False, int8_mask=False),
+        "breadcrumbs_ties",
+        ALL,
+        weight=ONES,
+        density=[0.6] * 4,
+        extra_per_model={"gamma": [0.1] * 4},
+        lam=1.0,
+        normalize=False,
+        rescale=False,
+        int8_mask=False,
+    ),
     "breadcrumbs_ties_normalize": gta_case(
-        "breadcrumbs_ties", ALL, weight=W, density=[0.6] * 4, extra_per_model={"gamma": [0.1] * 4},
-        lam=0.9, normalize=True, rescale=False, int8_mask=False),
+        "breadcrumbs_ties",
+        ALL,
+        weight=W,
+        density=[0.6] * 4,
+        extra_per_model={"gamma": [0.1] * 4},
+        lam=0.9,
+        normalize=True,
+        rescale=False,
+        int8_mask=False,
+    ),
     "model_stock": {
         "merge_method": "model_stock",
         "base_model": BASE,
@@ -201,15 +271,26 @@ for _name, _flatten, _row_wise in (
     CASES[_name] = {"merge_method": "nuslerp", "base_model": BASE, "models": _models, "parameters": _params}
     if _name != "nuslerp_columns":  # without base_model: slerp of the two weights themselves
         CASES[_name.replace("nuslerp", "nuslerp_nobase")] = {
-            "merge_method": "nuslerp", "models": _models, "parameters": _params}
+            "merge_method": "nuslerp",
+            "models": _models,
+            "parameters": _params,
+        }
 
 
 def run_mergekit(config: dict, seed: int | None = None) -> dict[str, torch.Tensor]:
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "mergekit.yaml"
         path.write_text(yaml.safe_dump(config, sort_keys=False))
-        command = [MERGEKIT, str(path), str(Path(tmp) / "out"), "--no-copy-tokenizer",
-                   "--no-write-model-card", "--device", "cpu", "--quiet"]
+        command = [
+            MERGEKIT,
+            str(path),
+            str(Path(tmp) / "out"),
+            "--no-copy-tokenizer",
+            "--no-write-model-card",
+            "--device",
+            "cpu",
+            "--quiet",
+        ]
         if seed is not None:
             command += ["--random-seed", str(seed)]
         env = {**os.environ, "HF_HUB_OFFLINE": "1", "CUDA_VISIBLE_DEVICES": ""}
@@ -261,9 +342,19 @@ def random_stats() -> dict:
         "methods": {},
     }
     for method, spec in RANDOM.items():
-        config = finish(gta_case(
-            method, (RANDOM_TASK,), weight=[1.0], density=[spec["density"]], extra_per_model=spec["extra"],
-            lam=1.0, normalize=False, rescale=True, int8_mask=False))
+        config = finish(
+            gta_case(
+                method,
+                (RANDOM_TASK,),
+                weight=[1.0],
+                density=[spec["density"]],
+                extra_per_model=spec["extra"],
+                lam=1.0,
+                normalize=False,
+                rescale=True,
+                int8_mask=False,
+            )
+        )
         entry = {"config": config, "density": spec["density"], "tensors": {}}
         if spec["extra"]:
             entry["epsilon"] = spec["extra"]["epsilon"][0]
@@ -278,8 +369,9 @@ def random_stats() -> dict:
                 delta = out[key] - base[key]
                 nonzero = t != 0
                 kept = nonzero & (delta != 0)
-                stats = per_tensor.setdefault(key, {"keep_rate": [], "scale_observed": [], "scale_l1": [],
-                                                    "max_rel_err": []})
+                stats = per_tensor.setdefault(
+                    key, {"keep_rate": [], "scale_observed": [], "scale_l1": [], "max_rel_err": []}
+                )
                 n_nz, n_kept = int(nonzero.sum()), int(kept.sum())
                 kept_total += n_kept
                 nonzero_total += n_nz
@@ -301,14 +393,19 @@ def random_stats() -> dict:
                     bucket_count += torch.bincount(bucket, minlength=BUCKETS).double()
                     bucket_kept += torch.bincount(bucket, weights=kept[nonzero].double(), minlength=BUCKETS)
                     bucket_prob += torch.bincount(bucket, weights=prob[nonzero], minlength=BUCKETS)
-        entry["tensors"] = {key: {"numel": tau[key].numel(), "nonzero_tau": int((tau[key] != 0).sum()), **s}
-                            for key, s in per_tensor.items()}
+        entry["tensors"] = {
+            key: {"numel": tau[key].numel(), "nonzero_tau": int((tau[key] != 0).sum()), **s}
+            for key, s in per_tensor.items()
+        }
         entry["keep_rate_overall"] = round(kept_total / nonzero_total, 6)
         if method.startswith("della"):
             entry["keep_by_rank"] = [
-                {"rank_norm": [b / BUCKETS, (b + 1) / BUCKETS], "entries": int(bucket_count[b]),
-                 "keep_rate": round((bucket_kept[b] / bucket_count[b]).item(), 4),
-                 "expected_prob": round((bucket_prob[b] / bucket_count[b]).item(), 4)}
+                {
+                    "rank_norm": [b / BUCKETS, (b + 1) / BUCKETS],
+                    "entries": int(bucket_count[b]),
+                    "keep_rate": round((bucket_kept[b] / bucket_count[b]).item(), 4),
+                    "expected_prob": round((bucket_prob[b] / bucket_count[b]).item(), 4),
+                }
                 for b in range(BUCKETS)
             ]
         result["methods"][method] = entry
