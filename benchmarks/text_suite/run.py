@@ -1048,6 +1048,30 @@ def run_method(recipe_path: Path) -> dict[str, Any]:
     return result.record
 
 
+def subsection_context(
+    rows: tuple[str, ...], records: dict, timings: dict, context: dict, command: str
+) -> dict[str, Any]:
+    """Date, machine and commands of a subsection rendered from the outputs of `rows`."""
+    runs = [timings[key] for key in rows if key in records and key in timings]
+    finished = sorted(run["finished"] for run in runs if "finished" in run)
+    return {
+        "date": (f"rows measured {finished[0]} – {finished[-1]}; " if finished else "")
+        + f"rendered {context['date']}",
+        "machine": context["machine"],
+        "commands": list(
+            dict.fromkeys(
+                [
+                    "benchmarks/text_suite/setup.sh",
+                    ".venv/bin/python benchmarks/text_suite/tasks.py",
+                    ".venv/bin/python benchmarks/text_suite/finetune.py",
+                    *(run["command"] for run in runs if "command" in run),
+                    command,
+                ]
+            )
+        ),
+    }
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--methods", nargs="*", choices=[m.key for m in METHODS], help="default: all")
@@ -1137,23 +1161,8 @@ def main(argv: list[str] | None = None) -> None:
         print(f"wrote {DOCS}")
     if any(key in records for key in TAU_DTYPE_ROWS):
         reference = reference_from_docs(DOCS.read_text()) if DOCS.is_file() else None
-        runs = [timings[key] for key in TAU_DTYPE_ROWS if key in records and key in timings]
-        finished = sorted(run["finished"] for run in runs if "finished" in run)
         bf16_context = {
-            "date": (f"rows measured {finished[0]} – {finished[-1]}; " if finished else "")
-            + f"rendered {context['date']}",
-            "machine": context["machine"],
-            "commands": list(
-                dict.fromkeys(
-                    [
-                        "benchmarks/text_suite/setup.sh",
-                        ".venv/bin/python benchmarks/text_suite/tasks.py",
-                        ".venv/bin/python benchmarks/text_suite/finetune.py",
-                        *(run["command"] for run in runs if "command" in run),
-                        command,
-                    ]
-                )
-            ),
+            **subsection_context(TAU_DTYPE_ROWS, records, timings, context, command),
             "plot": STORAGE_PNG if args.write_bf16_docs else None,
         }
         bf16_section = render_bf16_section(records, timings, bf16_context, reference)
@@ -1164,8 +1173,6 @@ def main(argv: list[str] | None = None) -> None:
             print(f"wrote the τ_MTL-in-bfloat16 subsection of {DOCS} and {DOCS.parent / STORAGE_PNG}")
     if any(key in records for key in MERGEKIT_ROWS):
         reference = reference_from_docs(DOCS.read_text()) if DOCS.is_file() else None
-        runs = [timings[key] for key in MERGEKIT_ROWS if key in records and key in timings]
-        finished = sorted(run["finished"] for run in runs if "finished" in run)
         checks = []
         if args.write_mergekit_docs:
             import tempfile
@@ -1174,20 +1181,7 @@ def main(argv: list[str] | None = None) -> None:
                 checks.append(density_one_check(tasks, Path(scratch)))
         reduced = any("(reduced)" in searched_grid(records[key]) for key in MERGEKIT_ROWS if key in records)
         mergekit_context = {
-            "date": (f"rows measured {finished[0]} – {finished[-1]}; " if finished else "")
-            + f"rendered {context['date']}",
-            "machine": context["machine"],
-            "commands": list(
-                dict.fromkeys(
-                    [
-                        "benchmarks/text_suite/setup.sh",
-                        ".venv/bin/python benchmarks/text_suite/tasks.py",
-                        ".venv/bin/python benchmarks/text_suite/finetune.py",
-                        *(run["command"] for run in runs if "command" in run),
-                        command,
-                    ]
-                )
-            ),
+            **subsection_context(MERGEKIT_ROWS, records, timings, context, command),
             "grids": context["grids"]
             + (
                 " Here the grids were reduced (marked) so that all rows fit in about an hour of one shared core."
