@@ -545,6 +545,19 @@ def finetunes_match(record: Mapping[str, Any], reference: Reference | None) -> b
     return all(abs(now[t] - reference.finetuned_accuracy[t]) < 5e-4 for t in common)
 
 
+def subsection_head(
+    title: str, keys: tuple[str, ...], records: Mapping[str, Any]
+) -> tuple[list[str], list[Method]]:
+    """The heading of a subsection of `keys` rows, with a note naming the rows not run, and the rows run."""
+    methods = {m.key: m for m in METHODS}
+    done = [methods[key] for key in keys if key in records]
+    missing = [methods[key] for key in keys if key not in records]
+    lines = [f"### {title}", ""]
+    if done and missing:
+        lines += [f"**Partial run**: not run: {', '.join(m.label for m in missing)}.", ""]
+    return lines, done, missing
+
+
 def render_bf16_section(
     records: Mapping[str, Mapping[str, Any]],
     timings: Mapping[str, Mapping[str, Any]],
@@ -559,13 +572,11 @@ def render_bf16_section(
     table as read from the docs, for comparing the fine-tuned row.
     """
     methods = {m.key: m for m in METHODS}
-    done = [methods[key] for key in TAU_DTYPE_ROWS if key in records]
-    missing = [methods[key] for key in TAU_DTYPE_ROWS if key not in records]
-    lines = ["### τ_MTL in bfloat16: TALL masks, storage vs. accuracy", ""]
+    lines, done, _ = subsection_head(
+        "τ_MTL in bfloat16: TALL masks, storage vs. accuracy", TAU_DTYPE_ROWS, records
+    )
     if not done:
         return "\n".join([*lines, "Not run yet.", ""])
-    if missing:
-        lines += [f"**Partial run**: not run: {', '.join(m.label for m in missing)}.", ""]
     first = records[done[0].key]
     tasks = [t["name"] for t in first["tasks"]]
     T = len(tasks)
@@ -821,14 +832,11 @@ def render_mergekit_section(
     ``context`` gives ``date``, ``machine``, ``commands`` (a list), ``grids`` (free text) and optionally
     ``checks`` (lines, e.g. the density-1 identity check).
     """
-    methods = {m.key: m for m in METHODS}
-    done = [methods[key] for key in MERGEKIT_ROWS if key in records]
-    missing = [methods[key] for key in MERGEKIT_ROWS if key not in records]
-    lines = ["### mergekit's methods: DARE, Breadcrumbs, DELLA, Model Stock", ""]
+    lines, done, missing = subsection_head(
+        "mergekit's methods: DARE, Breadcrumbs, DELLA, Model Stock", MERGEKIT_ROWS, records
+    )
     if not done:
         return "\n".join([*lines, "Not run yet.", ""])
-    if missing:
-        lines += [f"**Partial run**: not run: {', '.join(m.label for m in missing)}.", ""]
     first = records[done[0].key]
     tasks = [t["name"] for t in first["tasks"]]
     matches = finetunes_match(first, reference)
