@@ -21,6 +21,7 @@ if TYPE_CHECKING:
         RecipeError,
         SourceError,
     )
+    from hubmerge.output import read_record
     from hubmerge.recipe import Recipe, load_recipe, parse_recipe
     from hubmerge.record import RunRecord
     from hubmerge.run import run_recipe
@@ -34,6 +35,7 @@ _HOMES = {
     "ArtifactFormatError": "hubmerge.errors",
     "OutputError": "hubmerge.errors",
     "RunRecord": "hubmerge.record",
+    "read_record": "hubmerge.output",
     "Recipe": "hubmerge.recipe",
     "load_recipe": "hubmerge.recipe",
     "parse_recipe": "hubmerge.recipe",
@@ -53,6 +55,7 @@ __all__ = [
     "__version__",
     "load_recipe",
     "parse_recipe",
+    "read_record",
     "run_recipe",
 ]
 
