@@ -408,16 +408,7 @@ def render_section(
         "| vs. T fine-tuned fp32 | run s |",
         "|---|---|---|---|---|---|---|",
     ]
-    for method in done:
-        record = records[method.key]
-        stored, paper, copies = storage_bits(record)
-        paper_cell = f"{paper:,}" if paper is not None else "—"
-        timing = timings.get(method.key)
-        seconds = f"{timing['seconds']:.0f} ({timing['threads']} thr.)" if timing else "—"
-        lines.append(
-            f"| {method.label} | {searched_grid(record)} | {chosen_setting(record, method)} | {stored:,} | {paper_cell} | "
-            f"{stored / copies:.3f}× | {seconds} |"
-        )
+    lines += [storage_row(method, records[method.key], timings.get(method.key)) for method in done]
     if done:
         d = records[done[0].key]["parameters_counted"]
         lines += [
@@ -543,6 +534,17 @@ def finetunes_match(record: Mapping[str, Any], reference: Reference | None) -> b
     if not common:
         return None
     return all(abs(now[t] - reference.finetuned_accuracy[t]) < 5e-4 for t in common)
+
+
+def storage_row(method: Method, record: Mapping[str, Any], timing: Mapping[str, Any] | None) -> str:
+    """A method's row of the table of chosen values, storage and run time."""
+    stored, paper, copies = storage_bits(record)
+    paper_cell = f"{paper:,}" if paper is not None else "—"
+    seconds = f"{timing['seconds']:.0f} ({timing['threads']} thr.)" if timing else "—"
+    return (
+        f"| {method.label} | {searched_grid(record)} | {chosen_setting(record, method)} | {stored:,} | "
+        f"{paper_cell} | {stored / copies:.3f}× | {seconds} |"
+    )
 
 
 def subsection_head(
@@ -912,16 +914,7 @@ def render_mergekit_section(
     for r in compared:
         cells = [r.cells.get(c, "—") for c in (*storage_columns, "vs. T fine-tuned fp32", "run s")]
         lines.append(f"| {r.label} † | {' | '.join(cells)} |")
-    for method in done:
-        record = records[method.key]
-        stored, paper, copies = storage_bits(record)
-        paper_cell = f"{paper:,}" if paper is not None else "—"
-        timing = timings.get(method.key)
-        seconds = f"{timing['seconds']:.0f} ({timing['threads']} thr.)" if timing else "—"
-        lines.append(
-            f"| {method.label} | {searched_grid(record)} | {chosen_setting(record, method)} | {stored:,} | "
-            f"{paper_cell} | {stored / copies:.3f}× | {seconds} |"
-        )
+    lines += [storage_row(method, records[method.key], timings.get(method.key)) for method in done]
     d = first["parameters_counted"]
     merged = [m.label for m in done if is_merged(m)]
     compressed = [m.label for m in done if not is_merged(m)]
