@@ -9,6 +9,7 @@ from typing import Any
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
 from hubmerge.artifacts import RECIPE_FILE
+from hubmerge.evaluation import display_scale, higher_is_better
 from hubmerge.methods import METHODS
 from hubmerge.output import read_record
 from hubmerge.record import Evaluation, RunRecord, SearchRecord, Storage
@@ -50,13 +51,13 @@ Parameters counted in d (every floating-point tensor of the base, sorted key ord
 {% endif %}{% if evaluation %}
 ## Evaluation
 
-{{ evaluation.metric }} on the `{{ evaluation.split }}` split, each task with its own head (`{{ evaluation.head }}`);
+{{ evaluation.metric }}{% if evaluation.lower_is_better %} (lower is better){% endif %} on the `{{ evaluation.split }}` split, each task with its own head (`{{ evaluation.head }}`);
 normalized = score / that task's fine-tuned score.
 
 | model |{% for t in evaluation.tasks %} {{ t }} |{% endfor %} mean | mean normalized |
 |---|{% for t in evaluation.tasks %}---|{% endfor %}---|---|
 {% for name, row in evaluation.rows -%}
-| {{ name }} |{% for t in evaluation.tasks %} {{ "%.2f"|format(100 * row.accuracy[t]) }} |{% endfor %} {{ "%.2f"|format(100 * row.mean_accuracy) }} | {{ "%.1f"|format(100 * row.mean_normalized) }} % |
+| {{ name }} |{% for t in evaluation.tasks %} {{ "%.2f"|format(evaluation.scale * row.accuracy[t]) }} |{% endfor %} {{ "%.2f"|format(evaluation.scale * row.mean_accuracy) }} | {{ "%.1f"|format(100 * row.mean_normalized) }} % |
 {% endfor %}{% if search %}
 Chosen on the `{{ search.split }}` split: {{ search.chosen }}.
 {% endif %}{% endif %}{% if exported %}
@@ -289,7 +290,7 @@ def build_card(
     )
 
 
-TASK_TYPES = {"clip_zero_shot": "image-classification"}
+TASK_TYPES = {"clip_zero_shot": "image-classification", "causal_lm": "text-generation"}
 
 
 def eval_results(evaluation: Evaluation, method: str) -> list[EvalResult]:
@@ -316,6 +317,8 @@ def _evaluation_view(evaluation: Evaluation | None) -> dict[str, Any] | None:
     if not evaluation:
         return None
     return {
+        "scale": display_scale(evaluation.metric),
+        "lower_is_better": not higher_is_better(evaluation.metric),
         "metric": evaluation.metric,
         "split": evaluation.split,
         "head": evaluation.head,

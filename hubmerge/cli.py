@@ -178,6 +178,7 @@ def run(
     On the CPU the arithmetic runs in fused C kernels, compiled with the system C compiler on first use
     (same results; HUBMERGE_FUSED=0 uses torch operations instead).
     """
+    from hubmerge.adapters import with_base
     from hubmerge.display import human, print_plan, print_published, print_record, print_timing
     from hubmerge.distributed import join, launch, leave
     from hubmerge.engine import prepare
@@ -192,7 +193,7 @@ def run(
     started = time.perf_counter()
     parse_shard_size(max_shard_size)
     torch_device = resolve_device(device)
-    parsed = load_recipe(recipe)
+    parsed = with_base(load_recipe(recipe))
     lock = read_lock(recipe) if locked else None
     target = parsed.push if push else None
     # a run that cannot publish fails now, not after the merge
@@ -262,13 +263,14 @@ def validate(
     Parses the recipe and the method's parameters, resolves every Hub source to its commit (downloading
     nothing), and opens the headers of local sources to check that every model matches the base.
     """
+    from hubmerge.adapters import task_models, with_base
     from hubmerge.display import print_validation
     from hubmerge.methods import METHODS
     from hubmerge.planning import locate_sources
     from hubmerge.recipe import load_recipe
     from hubmerge.sources import check_compatible, open_source
 
-    parsed = load_recipe(recipe)
+    parsed = with_base(load_recipe(recipe))
     located = locate_sources(parsed)
     local: dict[str, Checkpoint] = {}
     try:
@@ -276,10 +278,11 @@ def validate(
             if isinstance(where, Path):
                 local[spec] = open_source(spec, where)  # a local source: its headers only
         if parsed.base in local:
-            names = [n for n, s in zip(parsed.task_names, parsed.sources, strict=True) if s in local]
-            models = [local[s] for s in parsed.sources if s in local]
+            models = task_models(parsed, local, local[parsed.base])
             compressed = METHODS[parsed.method].result == "compressed"
-            check_compatible(local[parsed.base], models, names, parsed.selects, own_tensors=compressed)
+            check_compatible(
+                local[parsed.base], list(models.values()), list(models), parsed.selects, own_tensors=compressed
+            )
     finally:
         for ckpt in local.values():
             ckpt.close()
@@ -340,7 +343,7 @@ def lock(
     from hubmerge.planning import locate_sources
     from hubmerge.recipe import load_recipe
 
-    located = locate_sources(load_recipe(recipe))
+    located = locate_sources(load_recipe(recipe))  # with the base the adapters name, when the recipe has none
     hub_sources = {spec: where for spec, where in located.items() if isinstance(where, HubSource)}
     written = write_lock(recipe, hub_sources)
     print_lock(_console(), written, {spec: where.sha for spec, where in hub_sources.items()}, len(located))

@@ -169,18 +169,24 @@ def print_search(console: Console, search: SearchRecord) -> None:
 
 def print_evaluation(console: Console, evaluation: Evaluation | dict[str, Any]) -> None:
     """The scores of an evaluation (the record's, or the JSON object `evaluate_output` returns)."""
+    from hubmerge.evaluation import display_scale, higher_is_better
     from hubmerge.record import Evaluation
 
     evaluation = Evaluation.model_validate(evaluation)
     tasks = list(evaluation.datasets)
-    table = Table(title=f"{evaluation.metric} on the {evaluation.split} split (%; normalized = / fine-tuned)")
+    scale = display_scale(evaluation.metric)
+    notes = ["%"] if scale == 100 else []
+    if not higher_is_better(evaluation.metric):
+        notes.append("lower is better")
+    notes.append("normalized = / fine-tuned")
+    table = Table(title=f"{evaluation.metric} on the {evaluation.split} split ({'; '.join(notes)})")
     for column in ("model", *tasks, "mean", "mean normalized"):
         table.add_column(column, justify="right" if column != "model" else "left")
     for name, row in evaluation.rows.items():
         table.add_row(
             name,
-            *(f"{100 * row.accuracy[t]:.2f}" for t in tasks),
-            f"{100 * row.mean_accuracy:.2f}",
+            *(f"{scale * row.accuracy[t]:.2f}" for t in tasks),
+            f"{scale * row.mean_accuracy:.2f}",
             f"{100 * row.mean_normalized:.1f}",
         )
     console.print(table)

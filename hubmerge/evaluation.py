@@ -3,6 +3,7 @@
 Every candidate is an *overlay*: values for the merged tensors, loaded into a model built from the base (or,
 for `sequence_classification`, from the task's fine-tuned model, so each task keeps its own head). The
 zero-shot row overlays θ0, the fine-tuned row θ_t, a merge its result: all go through the same code.
+`causal_lm` (decoder models, built from the base) scores log-likelihoods: see hubmerge.causal_lm_eval.
 """
 
 from __future__ import annotations
@@ -16,6 +17,14 @@ import torch
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
 
+from hubmerge.causal_lm_eval import (
+    Sequence,
+    choice_sequences,
+    log_likelihoods,
+    perplexity,
+    predict_choices,
+    text_sequences,
+)
 from hubmerge.errors import HubmergeError, RecipeError, SourceError
 from hubmerge.hub import OPEN_CLIP_CONFIG
 from hubmerge.recipe import EvalTask, Evaluation
@@ -27,11 +36,16 @@ LABEL_MAX_LENGTH = 16  # label names are a few words
 
 @dataclass(frozen=True)
 class Examples:
-    """One split of one task: model inputs (texts or images), integer labels and the class names."""
+    """One split of one task: model inputs (texts or images), integer labels and the class names.
+
+    For `causal_lm`, `choices` holds each example's choices and a label is a choice index (no class names);
+    perplexity has neither labels nor choices.
+    """
 
     inputs: list[Any]
     labels: torch.Tensor
     label_names: list[str]
+    choices: list[list[str]] | None = None
 
 
 def load_examples(task: str, spec: EvalTask, split: str, head: str) -> Examples:
@@ -67,7 +81,11 @@ def load_examples(task: str, spec: EvalTask, split: str, head: str) -> Examples:
             f"{where}: cannot load split {name!r}: {str(err).splitlines()[0]}", field=where
         ) from err
     input_column = spec.image_column if head == "clip_zero_shot" else spec.text_column
-    for kind, column in (("input", input_column), ("label", spec.label_column)):
+    scores_text = head == "causal_lm" and spec.choices_column is None  # perplexity: no labels
+    columns = [("input", input_column)] + ([] if scores_text else [("label", spec.label_column)])
+    if spec.choices_column is not None:
+        columns.append(("choices", spec.choices_column))
+    for kind, column in columns:
         if column not in data.column_names:
             raise RecipeError(
                 f"{where}: split {name!r} has no {kind} column {column!r} (columns: {', '.join(data.column_names)})",
@@ -77,6 +95,12 @@ def load_examples(task: str, spec: EvalTask, split: str, head: str) -> Examples:
         data = data.select(range(min(spec.max_examples, len(data))))
     if len(data) == 0:
         raise RecipeError(f"{where}: split {name!r} is empty", field=where)
+    if scores_text:
+        return Examples(list(data[input_column]), torch.empty(0, dtype=torch.int64), [])
+    if head == "causal_lm":
+        labels = torch.tensor(data[spec.label_column], dtype=torch.int64)
+        choices = _choices(data[spec.choices_column], labels, where, name)
+        return Examples(list(data[input_column]), labels, [], choices)
     label_names = spec.label_names or _class_names(data, spec.label_column)
     if label_names is None:
         raise RecipeError(
@@ -91,6 +115,24 @@ def load_examples(task: str, spec: EvalTask, split: str, head: str) -> Examples:
             field=where,
         )
     return Examples(list(data[input_column]), labels, label_names)
+
+
+def _choices(values: list[Any], labels: torch.Tensor, where: str, split: str) -> list[list[str]]:
+    """Each example's choices: a non-empty list of non-empty strings, with the example's label in range."""
+    for row, (options, label) in enumerate(zip(values, labels.tolist(), strict=True)):
+        if not (isinstance(options, list) and options and all(isinstance(o, str) and o for o in options)):
+            raise RecipeError(
+                f"{where}.choices_column: row {row} of split {split!r} needs a non-empty list of non-empty "
+                f"strings, got {options!r:.80}",
+                field=f"{where}.choices_column",
+            )
+        if not 0 <= label < len(options):
+            raise RecipeError(
+                f"{where}: label {label} of row {row} in split {split!r} is out of range for its "
+                f"{len(options)} choices",
+                field=where,
+            )
+    return values
 
 
 def _class_names(data: Any, column: str) -> list[str] | None:
@@ -137,6 +179,7 @@ class Evaluator:
         self._models: dict[str, torch.nn.Module] = {}
         self._heads: dict[str, torch.Tensor] = {}
         self._tokenizers: dict[Any, Any] = {}
+        self._sequences: dict[tuple[str, str], list[Sequence]] = {}
         self._prepared = False
         self.open_clip = evaluation.head == "clip_zero_shot" and (base_dir / OPEN_CLIP_CONFIG).is_file()
 
@@ -161,7 +204,9 @@ class Evaluator:
             self._model(task)  # first: a head that does not fit the model is the more useful error
             for split in splits:
                 data = self.examples(task, split)
-            if self.evaluation.head != "sequence_classification":
+                if self.evaluation.head == "causal_lm":
+                    self._causal_sequences(task, split)
+            if self.evaluation.head not in ("sequence_classification", "causal_lm"):
                 self._label_embeddings(task, data.label_names)
         self._prepared = True
 
@@ -174,7 +219,12 @@ class Evaluator:
         return self._models[key]
 
     def _build_model(self, task: str) -> torch.nn.Module:
-        from transformers import AutoModel, AutoModelForSequenceClassification, CLIPModel
+        from transformers import (
+            AutoModel,
+            AutoModelForCausalLM,
+            AutoModelForSequenceClassification,
+            CLIPModel,
+        )
 
         head = self.evaluation.head
         if self.open_clip:
@@ -182,6 +232,8 @@ class Evaluator:
         try:
             if head == "sequence_classification":
                 return AutoModelForSequenceClassification.from_pretrained(self.task_dirs[task])
+            if head == "causal_lm":
+                return AutoModelForCausalLM.from_pretrained(self.base_dir)
             model = AutoModel.from_pretrained(self.base_dir)
         except (OSError, ValueError) as err:
             raise SourceError(
@@ -332,7 +384,62 @@ class Evaluator:
         data = self.examples(task, split)
         model = self._model(task)
         self._apply(model, overlay)
-        order = self._order(data)
+        if self.evaluation.head == "causal_lm":
+            return self._score_causal_lm(task, model, data, split)
+        predictions = self._batched(
+            task,
+            split,
+            self._order(data),
+            lambda chunk: self._predict(task, model, [data.inputs[i] for i in chunk]).argmax(-1).cpu(),
+        )
+        return metric(self.evaluation.metric)(predictions, data.labels)
+
+    def _score_causal_lm(self, task: str, model: torch.nn.Module, data: Examples, split: str) -> float:
+        """Perplexity of the texts, or the metric of the best-scoring choices (see hubmerge.causal_lm_eval)."""
+        sequences = self._causal_sequences(task, split)
+        # by length, so each batch pads to similar lengths
+        order = sorted(range(len(sequences)), key=lambda i: len(sequences[i].ids))
+        sums = self._batched(
+            task,
+            split,
+            order,
+            lambda chunk: log_likelihoods(model, [sequences[i] for i in chunk], self.device),
+        )
+        if data.choices is None:
+            return perplexity(sums, sequences)
+        predictions = predict_choices(sums, [len(options) for options in data.choices])
+        return metric(self.evaluation.metric)(predictions, data.labels)
+
+    def _causal_sequences(self, task: str, split: str) -> list[Sequence]:
+        """A split's token sequences for `causal_lm`, tokenized once (overlays change weights, not tokens)."""
+        if (task, split) not in self._sequences:
+            data, spec = self.examples(task, split), self.evaluation.tasks[task]
+            where, name = f"evaluation.tasks.{task}", spec.splits.get(split, split)
+            tokenizer = self._tokenizer(task)
+            if data.choices is None:
+                sequences = text_sequences(tokenizer, data.inputs, spec.max_length)
+                if not any(s.scored for s in sequences):
+                    raise RecipeError(
+                        f"{where}: no text of split {name!r} has a token to predict (each needs two or more)",
+                        field=f"{where}.text_column",
+                    )
+            else:
+                sequences = choice_sequences(tokenizer, data.inputs, data.choices, spec.max_length)
+                pairs = [(row, option) for row, options in enumerate(data.choices) for option in options]
+                for (row, option), sequence in zip(pairs, sequences, strict=True):
+                    if not sequence.scored:
+                        raise RecipeError(
+                            f"{where}: choice {option!r} of row {row} in split {name!r} has no token to score "
+                            f"(nothing after tokenization, or max_length {spec.max_length} is too small)",
+                            field=f"{where}.choices_column",
+                        )
+            self._sequences[task, split] = sequences
+        return self._sequences[task, split]
+
+    def _batched(
+        self, task: str, split: str, order: list[int], run: Callable[[list[int]], torch.Tensor]
+    ) -> torch.Tensor:
+        """`run` on batches of the indices in `order`, with a progress bar; its results back in index order."""
         chunks = list(batches(order, self.evaluation.batch_size))
         with Progress(
             TextColumn(f"evaluating {task} ({split})"),
@@ -345,12 +452,12 @@ class Evaluator:
             bar = progress.add_task("", total=len(chunks))
             outputs = []
             for chunk in chunks:
-                outputs.append(self._predict(task, model, [data.inputs[i] for i in chunk]).argmax(-1).cpu())
+                outputs.append(run(chunk))
                 progress.advance(bar)
-        predicted = torch.cat(outputs)
-        predictions = torch.empty_like(predicted)
-        predictions[torch.tensor(order, dtype=torch.int64)] = predicted
-        return metric(self.evaluation.metric)(predictions, data.labels)
+        ordered = torch.cat(outputs)
+        results = torch.empty_like(ordered)
+        results[torch.tensor(order, dtype=torch.int64)] = ordered
+        return results
 
     def _order(self, data: Examples) -> list[int]:
         """Texts by length, so each batch pads to similar lengths (less work on CPU); images as given."""
@@ -379,8 +486,39 @@ def metric(name: str) -> Callable[[torch.Tensor, torch.Tensor], float]:
     return compute
 
 
+# Metrics whose smaller values are better; every other one (accuracy, `evaluate`'s scores) is higher-is-better.
+LOWER_IS_BETTER = frozenset({"perplexity"})
+
+
+def higher_is_better(metric: str) -> bool:
+    """Whether a larger score of `metric` is better; its normalized score (a ratio) goes the same way."""
+    return metric not in LOWER_IS_BETTER
+
+
+def better(candidate: float, incumbent: float, metric: str) -> bool:
+    """Whether `candidate` strictly beats `incumbent` under `metric` (so equal scores keep the incumbent).
+
+    Args:
+        candidate: a score (or normalized score) of `metric`.
+        incumbent: the best so far.
+        metric: the evaluation's metric name.
+
+    Returns:
+        True when the candidate is strictly better.
+    """
+    return candidate > incumbent if higher_is_better(metric) else candidate < incumbent
+
+
+def display_scale(metric: str) -> float:
+    """Factor for showing scores: fractions (accuracy, ...) as percentages, perplexity (unbounded) as is."""
+    return 1.0 if metric == "perplexity" else 100.0
+
+
 def normalized(accuracy: dict[str, float], finetuned: dict[str, float]) -> dict[str, float]:
-    """Per task: accuracy / that task's fine-tuned accuracy (the paper's normalized accuracy)."""
+    """Per task: score / that task's fine-tuned score (the paper's normalized accuracy).
+
+    For perplexity the ratio is lower-is-better too: 1.1 is a perplexity 10 % above the fine-tuned model's.
+    """
     return {t: (accuracy[t] / finetuned[t] if finetuned[t] else float("nan")) for t in accuracy}
 
 

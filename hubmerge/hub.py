@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx2
-from huggingface_hub import HfApi, snapshot_download
+from huggingface_hub import HfApi, hf_hub_download, snapshot_download
 from huggingface_hub import constants as hf_constants
 from huggingface_hub import errors as hf_errors
 
@@ -47,6 +47,8 @@ SUPPORT_FILES = (
 )
 # The base's card is read for its license and pipeline tag, which a merge inherits.
 CARD_FILE = "README.md"
+# A PEFT adapter's config, beside adapter_model.safetensors (matched by the weight patterns).
+ADAPTER_CONFIG = "adapter_config.json"
 
 
 @dataclass(frozen=True)
@@ -63,7 +65,7 @@ class HubSource:
 
 
 def allow_patterns(weights: str) -> list[str]:
-    return [*WEIGHT_PATTERNS[weights], *SUPPORT_FILES, CARD_FILE]
+    return [*WEIGHT_PATTERNS[weights], *SUPPORT_FILES, CARD_FILE, ADAPTER_CONFIG]
 
 
 PRIVATE_HINT = "a private Hub repository needs HF_TOKEN or `hf auth login`"
@@ -191,6 +193,23 @@ def download(source: HubSource, *, token: str | None = None, endpoint: str | Non
         f"{source.spec}: the Hub served commit {path.name} for pinned commit {source.sha}",
         repo_id=source.repo_id,
     )
+
+
+def download_file(
+    source: HubSource, filename: str, *, token: str | None = None, endpoint: str | None = None
+) -> Path | None:
+    """One file of `source` at its pinned commit (None if the commit has no such file), e.g. an adapter's
+    config, read before anything else of the repository is downloaded."""
+    if source.cached_path is not None:
+        path = source.cached_path / filename
+        return path if path.is_file() else None
+    with hub_errors(source.spec, endpoint):
+        try:
+            return Path(
+                hf_hub_download(source.repo_id, filename, revision=source.sha, token=token, endpoint=endpoint)
+            )
+        except hf_errors.RemoteEntryNotFoundError:
+            return None
 
 
 @dataclass(frozen=True)

@@ -16,6 +16,7 @@ from typing import Any
 import torch
 
 from hubmerge import fused
+from hubmerge.adapters import task_models, with_base
 from hubmerge.artifacts import OUTPUT_DTYPES, output_dtype
 from hubmerge.errors import HubmergeError
 from hubmerge.hub import HubSource
@@ -97,6 +98,7 @@ def locate_sources(
     Raises:
         HubmergeError: naming every source that cannot be located, not only the first.
     """
+    recipe = with_base(recipe, token=token, endpoint=endpoint)
     located: dict[str, Path | HubSource] = {}
     errors: list[SourceError] = []
     for spec in dict.fromkeys([recipe.base, *recipe.sources]):
@@ -122,13 +124,16 @@ def prepare(
     All sources are located (and a lock checked) before the first download, so a typo in the last model
     id does not cost the download of the others.
     """
+    recipe = with_base(recipe, token=token, endpoint=endpoint)
+    assert recipe.base is not None
     method = METHODS[recipe.method]
     spec = method.spec(recipe.parameters, recipe.task_names)
     located = locate_sources(recipe, token=token, endpoint=endpoint)
     if lock is not None:
         lock.check({s: where for s, where in located.items() if isinstance(where, HubSource)})
     opened = {s: open_source(s, where, token=token, endpoint=endpoint) for s, where in located.items()}
-    base, models = opened[recipe.base], [opened[source] for source in recipe.sources]
+    base = opened[recipe.base]
+    models = list(task_models(recipe, opened, base).values())
     check_compatible(
         base, models, recipe.task_names, recipe.selects, own_tensors=method.result == "compressed"
     )

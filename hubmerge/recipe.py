@@ -40,6 +40,8 @@ class Strict(BaseModel):
 class ModelEntry(Strict):
     source: Annotated[str, Field(min_length=1)]
     name: str | None = None
+    # What the source is: detected from its files (adapter_config.json: a PEFT adapter) unless given here.
+    kind: Literal["checkpoint", "adapter"] | None = None
 
 
 class PushTarget(Strict):
@@ -67,6 +69,9 @@ class EvalTask(Strict):
         None  # class names for zero-shot heads (default: the dataset's ClassLabel)
     )
     templates: list[str] = Field(default_factory=lambda: ["a photo of a {}."])  # clip_zero_shot prompts
+    # causal_lm multiple choice: a column of lists of strings, each continuing the text column; the label is
+    # the index of the right one. Without it, causal_lm computes the text column's perplexity.
+    choices_column: str | None = None
     max_length: Annotated[int, Field(gt=0)] = 128
     max_examples: Annotated[int, Field(gt=0)] | None = None
 
@@ -84,11 +89,39 @@ class EvalTask(Strict):
 class Evaluation(Strict):
     """How merged weights are scored: one head type, the metric, and each task's data."""
 
-    head: Literal["zero_shot_text", "clip_zero_shot", "sequence_classification"]
+    head: Literal["zero_shot_text", "clip_zero_shot", "sequence_classification", "causal_lm"]
     metric: str = "accuracy"
     split: str = "test"  # what is reported; search uses `search.split`
     batch_size: Annotated[int, Field(gt=0)] = 64
     tasks: Annotated[dict[str, EvalTask], Field(min_length=1)]
+
+    @model_validator(mode="after")
+    def _check_causal_lm(self) -> Evaluation:
+        # causal_lm scores choices (any metric on the predicted indices) or, without them, perplexity only
+        problems = []
+        with_choices = [t for t, spec in self.tasks.items() if spec.choices_column is not None]
+        if self.metric == "perplexity" and self.head != "causal_lm":
+            problems.append(f"evaluation.metric: perplexity needs head causal_lm (not {self.head})")
+        if self.head != "causal_lm":
+            problems += [
+                f"evaluation.tasks.{t}.choices_column: only head causal_lm scores choices (not {self.head})"
+                for t in with_choices
+            ]
+        elif self.metric == "perplexity":
+            problems += [
+                f"evaluation.tasks.{t}.choices_column: metric perplexity scores the text column alone; "
+                "drop choices_column, or use metric accuracy for multiple choice"
+                for t in with_choices
+            ]
+        elif len(with_choices) < len(self.tasks):
+            plain = ", ".join(t for t in self.tasks if t not in with_choices)
+            problems.append(
+                f"evaluation.metric: head causal_lm without a choices_column ({plain}) computes perplexity: "
+                f"set metric: perplexity, or give every task a choices_column (multiple choice, {self.metric})"
+            )
+        if problems:
+            raise ValueError("\n".join(problems))
+        return self
 
 
 def _grid(low: float, high: float, step: float) -> list[float]:
@@ -114,7 +147,8 @@ class Recipe(Strict):
     """A merge recipe, exactly as written in the YAML file (method parameters still raw)."""
 
     version: Literal[1]
-    base: Annotated[str, Field(min_length=1)]
+    # Omitted: every model must be a PEFT adapter of one base, which their configs name.
+    base: Annotated[str, Field(min_length=1)] | None = None
     models: Annotated[list[str | ModelEntry], Field(min_length=1)]
     method: str
     # validated when omitted too: a method's defaults can conflict with the recipe (consensus k = 2, one task)
@@ -123,6 +157,9 @@ class Recipe(Strict):
     # τ_MTL (and magnitude pruning's kept values) of a compressed output; the paper stores float32.
     tau_dtype: VectorDtype | None = None
     output: str | None = None
+    # `peft`: a merge of adapters written back as one adapter (LoRA of rank `lora_rank`, or (IA)³).
+    output_format: Literal["model", "peft"] = "model"
+    lora_rank: Annotated[int, Field(gt=0)] | None = Field(default=None, validate_default=True)
     # Which tensors are merged (fnmatch globs on tensor names); the base's other tensors are copied unchanged,
     # and the fine-tuned models need only have the selected ones (e.g. CLIPVisionModel fine-tunes of a
     # CLIPModel base: include: ["vision_model.*"]).
@@ -187,6 +224,22 @@ class Recipe(Strict):
                 "use `dtype:` for its weights"
             )
         return tau_dtype
+
+    @field_validator("lora_rank")
+    @classmethod
+    def _check_lora_rank(cls, lora_rank: int | None, info: ValidationInfo) -> int | None:
+        problems = []
+        output_format, method = info.data.get("output_format"), info.data.get("method")
+        if lora_rank is not None and output_format != "peft":
+            problems.append("applies to `output_format: peft` only (a merged LoRA adapter of this rank)")
+        if output_format == "peft" and method in METHODS and METHODS[method].result != "merged":
+            problems.append(
+                f"output_format: peft writes a merged adapter; {method} writes a compressed artifact "
+                "(leave output_format out)"
+            )
+        if problems:
+            raise ValueError("\n".join(problems))
+        return lora_rank
 
     @field_validator("evaluation")
     @classmethod

@@ -20,6 +20,7 @@ from huggingface_hub import constants as hf_constants
 
 import hubmerge
 from hubmerge import hub
+from hubmerge.adapters import with_base
 from hubmerge.artifacts import (
     FORMAT,
     FORMAT_VERSION,
@@ -250,6 +251,7 @@ def run_recipe(
     process streams its share of the pieces; rank 0 alone searches, scores and finishes the directory, and
     only its result holds the record. NaN/Inf weights in an input stop the run unless `allow_nonfinite`.
     """
+    recipe = with_base(recipe, token=token, endpoint=endpoint)
     target = resolve_output(recipe, Path(output) if output else None)
     inputs = recipe_inputs(recipe, origin)
     check_output_path(target, overwrite, inputs)

@@ -2,7 +2,8 @@
 
 The merge itself runs through the engine once per structural setting (one run for Task Arithmetic / TIES,
 one per k for consensus, one per λ for TALL masks); α candidates are applied in place on the evaluation model
-(θ = θ0 + α·v), so a search costs little more than its evaluations. Ties go to the smallest value.
+(θ = θ0 + α·v), so a search costs little more than its evaluations. Ties go to the smallest value. Scores are
+maximized, except those of lower-is-better metrics (perplexity), which are minimized.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from typing import Any
 import torch
 
 from hubmerge.compressed import CompressedMerge
-from hubmerge.evaluation import Evaluator, Overlay, mean, normalized
+from hubmerge.evaluation import Evaluator, Overlay, better, mean, normalized
 from hubmerge.methods import METHODS
 from hubmerge.recipe import Recipe, Search
 from hubmerge.serving import TaskSwitcher
@@ -69,9 +70,9 @@ def run_search(
         evaluator: scores overlays; prepared for the search split.
         run_variant: runs the method with given parameters (see `RunVariant`).
     """
-    search = recipe.search
-    assert search is not None
-    split = search.split
+    search, evaluation = recipe.search, recipe.evaluation
+    assert search is not None and evaluation is not None
+    split, metric = search.split, evaluation.metric
     reference = {t: evaluator.score(t, finetuned[t], split) for t in evaluator.tasks}
     result = SearchResult(parameters=dict(recipe.parameters), chosen={}, finetuned=reference)
 
@@ -89,7 +90,7 @@ def run_search(
                 {**setting, "scaling": alpha},
                 {t: evaluator.score(t, weights, split) for t in evaluator.tasks},
             )
-            if best is None or entry["mean_normalized"] > best["mean_normalized"]:
+            if best is None or better(entry["mean_normalized"], best["mean_normalized"], metric):
                 best = entry
         assert best is not None
         return best
@@ -103,7 +104,7 @@ def run_search(
             candidate = best_alpha(
                 direction(run_variant({**recipe.parameters, "k": k, "scaling": 1.0}), base), {"k": k}
             )
-            if best is None or candidate["mean_normalized"] > best["mean_normalized"]:
+            if best is None or better(candidate["mean_normalized"], best["mean_normalized"], metric):
                 best = candidate
         assert best is not None
         result.chosen = {"k": best["k"], "scaling": best["scaling"]}
@@ -126,6 +127,7 @@ def _best_lambdas(
     row: Callable[[dict[str, Any], dict[str, float]], dict[str, Any]],
 ) -> dict[str, float]:
     """Each task's λ on its own validation score: the masks of one λ are built and scored, then dropped."""
+    assert recipe.evaluation is not None
     best: dict[str, tuple[float, float]] = {}
     for lam in sorted(search.lambdas):
         merge = CompressedMerge.from_pretrained(run_variant({**recipe.parameters, "lambda": lam}))
@@ -133,7 +135,7 @@ def _best_lambdas(
         scores = {}
         for task in evaluator.tasks:
             scores[task] = evaluator.score(task, switcher.overlay(task), search.split)
-            if task not in best or scores[task] > best[task][1]:
+            if task not in best or better(scores[task], best[task][1], recipe.evaluation.metric):
                 best[task] = (lam, scores[task])
         row({"lambda": lam}, scores)
     return {task: lam for task, (lam, _) in best.items()}

@@ -362,8 +362,10 @@ def _weight_files(root: Path) -> list[Path]:
     singles = (
         "model.safetensors",
         "open_clip_model.safetensors",
+        "adapter_model.safetensors",
         "pytorch_model.bin",
         "open_clip_pytorch_model.bin",
+        "adapter_model.bin",
     )
     for single in singles:
         if (root / single).is_file():

@@ -128,6 +128,7 @@ def label_embeddings(
 
 def logits(model: PreTrainedModel, batch: dict[str, torch.Tensor], head: torch.Tensor) -> torch.Tensor:
     """20 · cos(pool(x), e_c) for every class c; no bias."""
+    batch = {key: value.to(head.device) for key, value in batch.items()}  # no-op on CPU; GPU LoRA runs
     features = torch.nn.functional.normalize(mean_pool(model, batch), dim=-1)
     return LOGIT_SCALE * features @ head.T
 
@@ -146,7 +147,7 @@ def accuracy(
     correct = 0
     for start in range(0, len(split.texts), batch_size):
         batch = encode_batch(tokenizer, split.texts[start : start + batch_size], max_length)
-        predicted = logits(model, batch, head).argmax(-1)
+        predicted = logits(model, batch, head).argmax(-1).cpu()
         correct += int((predicted == torch.tensor(split.labels[start : start + batch_size])).sum())
     return correct / len(split.texts)
 
@@ -162,7 +163,7 @@ def finetune(
     """Train ``model`` in place on ``train``; return the number of optimizer steps."""
     torch.manual_seed(settings.seed)  # dropout masks
     order = torch.Generator().manual_seed(settings.seed)
-    texts, labels = train.texts, torch.tensor(train.labels)
+    texts, labels = train.texts, torch.tensor(train.labels, device=head.device)
     steps_per_epoch = math.ceil(len(texts) / settings.batch_size)
     total = steps_per_epoch * settings.epochs
     warmup = max(1, round(settings.warmup_share * total))
