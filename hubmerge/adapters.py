@@ -250,7 +250,8 @@ def lora_layout(
         if lora.bias_key is not None:
             layout.biases[base_key(module) + ".bias"] = lora
     for key in whole:
-        inner = module_key(key).replace(".base_layer.", ".")  # biases of adapted modules (bias: lora_only/all)
+        # `base_layer.` names the biases of adapted modules (bias: lora_only or all)
+        inner = module_key(key).replace(".base_layer.", ".")
         mapped = base_key(inner) if base_key(inner) in base_infos else inner
         if mapped in layout.biases:
             raise SourceError(f"{name}: {key} and lora_bias both change {mapped}", name)
@@ -395,9 +396,7 @@ def same_base(named: str, base: str) -> bool:
     return Path(named).expanduser().resolve() == Path(base).expanduser().resolve()
 
 
-def task_models(
-    recipe: Recipe, opened: dict[str, Checkpoint], base: Checkpoint
-) -> dict[str, Checkpoint]:
+def task_models(recipe: Recipe, opened: dict[str, Checkpoint], base: Checkpoint) -> dict[str, Checkpoint]:
     """The recipe's models (those whose source is `opened`) by task name, as the engine reads them: full
     checkpoints as they are, LoRA adapters as the fine-tuned models they stand for. An adapter of another base
     than the recipe's is merged with a warning (the recipe named its base explicitly)."""
@@ -424,7 +423,10 @@ def task_models(
             )
         if config.base_model is not None and not same_base(config.base_model, recipe.base):
             log.warning(
-                "model %r: adapter of %s, merged onto the recipe's base %s", name, config.base_model, recipe.base
+                "model %r: adapter of %s, merged onto the recipe's base %s",
+                name,
+                config.base_model,
+                recipe.base,
             )
         models[name] = LoraTask(ckpt, config, shared)
     return models

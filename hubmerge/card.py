@@ -190,12 +190,17 @@ def build_card(
     compressed = record.compressed
     open_clip = record.library == "open_clip"
     inherited = record.base_card
+    adapter = record.adapter
     if compressed or open_clip:
         library = "hubmerge" if compressed else "open_clip"
+    elif adapter is not None:
+        library = "peft"
     else:
         library = "transformers" if record.has_config else None
+    # an adapter is used on its base, which is what the Hub links it to
+    base_model = [record.base.location] if adapter is not None and record.base.revision else hub_ids(record)
     data = ModelCardData(
-        base_model=hub_ids(record) or None,
+        base_model=base_model or None,
         library_name=library,
         tags=["merge", "hubmerge", record.method],
         license=inherited.get("license"),
@@ -204,7 +209,7 @@ def build_card(
         pipeline_tag=inherited.get("pipeline_tag"),
     )
     if data.base_model:
-        data.base_model_relation = "merge"
+        data.base_model_relation = "adapter" if adapter is not None else "merge"
     evaluation = record.evaluation
     if evaluation:
         data.model_name = repo_id or f"{record.method} merge"
@@ -238,6 +243,21 @@ def build_card(
             f'model = merge.load_model("{first}")  # a ready model; tasks: {", ".join(tasks)}\n'
             f'served = merge.switchable(); served.set_task("{other}")  # one copy, every task, switched in place\n'
             f"# or a directory: hubmerge materialize {where} --task {first} --output {first}-model"
+        )
+    elif adapter is not None:
+        summary = (
+            f"{t} PEFT adapters of one base merged with `{record.method}` into one {adapter.peft_type} adapter"
+            + (
+                f" of rank {adapter.rank} (truncated SVD of each module's merged update)."
+                if adapter.rank
+                else "."
+            )
+        )
+        base_id = record.base.location if record.base.revision else "<the base model>"
+        usage = (
+            "from peft import PeftModel\nfrom transformers import AutoModel\n\n"
+            f'base = AutoModel.from_pretrained("{base_id}")\n'
+            f'model = PeftModel.from_pretrained(base, "{where}")'
         )
     else:
         summary = f"{t} fine-tuned models of one base merged with `{record.method}` into one model."

@@ -281,7 +281,11 @@ def validate(
             models = task_models(parsed, local, local[parsed.base])
             compressed = METHODS[parsed.method].result == "compressed"
             check_compatible(
-                local[parsed.base], list(models.values()), list(models), parsed.selects, own_tensors=compressed
+                local[parsed.base],
+                list(models.values()),
+                list(models),
+                parsed.selects,
+                own_tensors=compressed,
             )
     finally:
         for ckpt in local.values():

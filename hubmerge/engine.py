@@ -46,6 +46,7 @@ from hubmerge.methods.topk import (
     threshold_value,
 )
 from hubmerge.nonfinite import NonfiniteCounts
+from hubmerge.peft_output import PeftSink
 from hubmerge.planning import (
     CPU_SPAN_ENTRIES,
     DEFAULT_BLOCK_ENTRIES,
@@ -329,6 +330,19 @@ class Engine:
             merged[span] = apply_vector(base_span, tau_mtl, self.spec.scaling)
         return merged
 
+    def vector_piece(
+        self, key: str, rows: Rows, base: torch.Tensor, thetas: list[torch.Tensor]
+    ) -> torch.Tensor:
+        """α·τ_MTL of a whole piece in float32: what the merge adds to θ0 (a merged adapter's update)."""
+        self.stream.check_finite(key, rows, base, thetas, computed_fused=False)
+        update = torch.empty(base.numel(), dtype=torch.float32, device=self.device)
+        start = first_entry(self.job.base.infos[key], rows)
+        for span, base_span, theta_spans in self.torch.spans(base, thetas):
+            tau_mtl, _, _ = self.torch.compute(key, start + span.start, base_span, theta_spans)
+            assert tau_mtl is not None  # a merge always has a vector
+            update[span] = torch.mul(tau_mtl, self.spec.scaling)
+        return update
+
     def _compressed_piece(
         self, key: str, rows: Rows, base: torch.Tensor, thetas: list[torch.Tensor]
     ) -> tuple[torch.Tensor | None, list[torch.Tensor], list[torch.Tensor]]:
@@ -384,6 +398,12 @@ class Engine:
     def write_merged(self, directory: Path, max_shard_size: int | str) -> list[str]:
         """The output pass of a merge: the merged model's weight files in `directory`."""
         return MergedSink(self).write(directory, max_shard_size)
+
+    def write_adapter(self, directory: Path) -> PeftSink:
+        """The merged LoRA adapter (`output_format: peft`)."""
+        sink = PeftSink(self)
+        sink.write(directory)
+        return sink
 
     def write_artifact(self, directory: Path, max_shard_size: int | str) -> ArtifactWriter:
         """The output pass of a compression: the artifact's vector, masks (and values) in `directory`."""

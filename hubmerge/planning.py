@@ -23,6 +23,7 @@ from hubmerge.hub import HubSource
 from hubmerge.lock import Lock
 from hubmerge.methods import METHODS, MergeSpec
 from hubmerge.methods.registry import PieceVector, TiesVector
+from hubmerge.peft_output import lora_tasks
 from hubmerge.recipe import Recipe
 from hubmerge.sources import (
     Checkpoint,
@@ -137,7 +138,7 @@ def prepare(
     check_compatible(
         base, models, recipe.task_names, recipe.selects, own_tensors=method.result == "compressed"
     )
-    return MergeJob(
+    job = MergeJob(
         recipe=recipe,
         origin=origin,
         spec=spec,
@@ -145,6 +146,9 @@ def prepare(
         base=base,
         models=models,
     )
+    if recipe.output_format == "peft":
+        lora_tasks(job)  # every model a LoRA adapter that one merged adapter can stand for
+    return job
 
 
 def resolve_device(name: str) -> torch.device:

@@ -191,6 +191,19 @@ class Evaluation(_Part):
     rows: dict[str, EvalRow]
 
 
+class AdapterModule(_Part):
+    rank: int
+    energy: Number  # Σ_{i≤r} s_i² / Σ s_i² of the module's merged update
+
+
+class AdapterRecord(_Part):
+    """`output_format: peft`: the merged adapter written instead of a merged model."""
+
+    peft_type: str
+    rank: int | None = None
+    modules: dict[str, AdapterModule] = Field(default_factory=dict)
+
+
 class RunRecord(_Part):
     """The run record of an output (`hubmerge.json`).
 
@@ -232,6 +245,7 @@ class RunRecord(_Part):
     storage: Storage | None = None
     search: SearchRecord | None = None
     evaluation: Evaluation | None = None
+    adapter: AdapterRecord | None = None
     files: dict[str, FileEntry] | None = None
 
     @property

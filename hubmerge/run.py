@@ -289,7 +289,10 @@ def run_recipe(
             started = time.perf_counter()
             with contextlib.closing(engine), shared_staging(target, overwrite, inputs, group) as staging:
                 engine.collect_statistics()
-                if job.spec.result == "merged":
+                adapter = None
+                if recipe.output_format == "peft":
+                    adapter = engine.write_adapter(staging).record()
+                elif job.spec.result == "merged":
                     engine.write_merged(staging, max_shard_size)
                 else:
                     engine.write_artifact(staging, max_shard_size)
@@ -298,6 +301,8 @@ def run_recipe(
                         write_task_parts(job, engine, staging) if job.spec.result == "compressed" else None
                     )
                     record = run_record(job, engine, time.perf_counter() - started, parts)
+                    if adapter is not None:
+                        record["adapter"] = adapter
                     finish_output(
                         job,
                         record,
@@ -364,7 +369,7 @@ def finish_output(
     """Everything of an output besides the weights: support files, scores, record, recipe, exports, card;
     the files' hashes (`digests`: those taken while the weights were written) go into the record last."""
     recipe = job.recipe
-    if job.spec.result == "merged":
+    if job.spec.result == "merged" and recipe.output_format == "model":
         copy_support_files(job.base.directory, staging)
     if search is not None:
         record["search"] = search_record(search, recipe)
