@@ -26,14 +26,14 @@ import torch
 
 
 @dataclass(frozen=True)
-class Sequence:
+class TokenSequence:
     """Token ids of one text or (context, choice) pair; its last `scored` tokens are the ones predicted."""
 
     ids: list[int]
     scored: int
 
 
-def text_sequences(tokenizer: Any, texts: list[str], max_length: int) -> list[Sequence]:
+def text_sequences(tokenizer: Any, texts: list[str], max_length: int) -> list[TokenSequence]:
     """Perplexity inputs: each text with the tokenizer's default special tokens, cut to `max_length` tokens.
 
     Args:
@@ -45,12 +45,12 @@ def text_sequences(tokenizer: Any, texts: list[str], max_length: int) -> list[Se
         One sequence per text; all its tokens but the first are scored.
     """
     encoded = tokenizer(texts, truncation=True, max_length=max_length)["input_ids"]
-    return [Sequence(ids, max(len(ids) - 1, 0)) for ids in encoded]
+    return [TokenSequence(ids, max(len(ids) - 1, 0)) for ids in encoded]
 
 
 def choice_sequences(
     tokenizer: Any, contexts: list[str], choices: list[list[str]], max_length: int
-) -> list[Sequence]:
+) -> list[TokenSequence]:
     """Multiple-choice inputs: context ids + choice ids for every (example, choice) pair, in that order.
 
     Args:
@@ -70,12 +70,14 @@ def choice_sequences(
         for option in options:
             option_ids = tokenizer(context[len(stripped) :] + option, add_special_tokens=False)["input_ids"]
             ids = (context_ids + option_ids)[-max_length:]
-            sequences.append(Sequence(ids, min(len(option_ids), len(ids) - 1)))
+            sequences.append(TokenSequence(ids, max(min(len(option_ids), len(ids) - 1), 0)))
     return sequences
 
 
 @torch.no_grad()
-def log_likelihoods(model: torch.nn.Module, sequences: list[Sequence], device: torch.device) -> torch.Tensor:
+def log_likelihoods(
+    model: torch.nn.Module, sequences: list[TokenSequence], device: torch.device
+) -> torch.Tensor:
     """Summed log-probability of each sequence's scored tokens, in one right-padded batch.
 
     Args:
@@ -98,16 +100,19 @@ def log_likelihoods(model: torch.nn.Module, sequences: list[Sequence], device: t
         ids[row, :n] = torch.tensor(sequence.ids, dtype=torch.int64)
         mask[row, :n] = 1
         scored[row, n - sequence.scored : n] = True
-    logits = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits
     # position i predicts token i + 1; the first token is never predicted
-    logprobs = torch.log_softmax(logits[:, :-1].float(), dim=-1)
-    targets = ids[:, 1:].to(device)
-    token = logprobs.gather(-1, targets.unsqueeze(-1)).squeeze(-1).double()
-    # where, not a product: a row that is all padding may hold NaN logits
-    return torch.where(scored[:, 1:].to(device), token, 0.0).sum(-1).cpu()
+    logits = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits[:, :-1]
+    sums = []
+    # row by row: a float32 copy of the whole batch's logits (batch × length × vocabulary) can be large
+    for row, target, keep in zip(logits, ids[:, 1:].to(device), scored[:, 1:].to(device), strict=True):
+        values = row.float()
+        token = values.gather(-1, target.unsqueeze(-1)).squeeze(-1) - values.logsumexp(-1)
+        # where, not a product: a row that is all padding may hold NaN logits
+        sums.append(torch.where(keep, token.double(), 0.0).sum())
+    return torch.stack(sums).cpu()
 
 
-def perplexity(sums: torch.Tensor, sequences: list[Sequence]) -> float:
+def perplexity(sums: torch.Tensor, sequences: list[TokenSequence]) -> float:
     """exp(total negative log-likelihood / number of predicted tokens) over all `sequences`."""
     return float(torch.exp(-sums.sum() / sum(s.scored for s in sequences)))
 

@@ -35,6 +35,8 @@ from hubmerge.artifacts import (
     unpack_bits,
 )
 from hubmerge.errors import ArtifactFormatError, HubmergeError, SourceError
+from hubmerge.hub import ADAPTER_CONFIG
+from hubmerge.ia3 import ia3_base_of
 from hubmerge.integrity import record_hashes, verify_files, weights_sha256
 from hubmerge.output import MANIFEST, atomic_directory, read_manifest
 from hubmerge.private import PRIVATE_DIR, TASK_FILES_DIR
@@ -220,6 +222,8 @@ class CompressedMerge(
     @property
     def base(self) -> Checkpoint:
         """The base, opened (headers only) and checked against the artifact on first use."""
+        if self._base is None and self.is_ia3:
+            self._base = ia3_base_of(self.record)  # the vectors' initialisation: nothing to fetch
         if self._base is None:
             base = resolve_source(self._base_location(), token=self._token, endpoint=self._endpoint)
             try:
@@ -229,6 +233,11 @@ class CompressedMerge(
                 raise
             self._base = base
         return self._base
+
+    @property
+    def is_ia3(self) -> bool:
+        """An artifact of (IA)³ vectors: its tasks are (IA)³ adapters, rebuilt from ones."""
+        return self.record.adapter is not None and self.record.adapter.peft_type == "IA3"
 
     def _base_location(self) -> str:
         if self._base_spec is not None:
@@ -371,6 +380,8 @@ class CompressedMerge(
             files = {rel.as_posix(): self.base.directory / rel for rel in support_files(self.base.directory)}
         for rel in record.get("files", []):
             files[rel] = self._checked(self.directory / TASK_FILES_DIR / task / rel)
+        if self.is_ia3:
+            files[ADAPTER_CONFIG] = self._checked(self.directory / ADAPTER_CONFIG)
         return files
 
     # -- task models ----------------------------------------------------------------------------------------------

@@ -18,7 +18,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
 
 from hubmerge.causal_lm_eval import (
-    Sequence,
+    TokenSequence,
     choice_sequences,
     log_likelihoods,
     perplexity,
@@ -179,7 +179,7 @@ class Evaluator:
         self._models: dict[str, torch.nn.Module] = {}
         self._heads: dict[str, torch.Tensor] = {}
         self._tokenizers: dict[Any, Any] = {}
-        self._sequences: dict[tuple[str, str], list[Sequence]] = {}
+        self._sequences: dict[tuple[str, str], list[TokenSequence]] = {}
         self._prepared = False
         self.open_clip = evaluation.head == "clip_zero_shot" and (base_dir / OPEN_CLIP_CONFIG).is_file()
 
@@ -410,7 +410,7 @@ class Evaluator:
         predictions = predict_choices(sums, [len(options) for options in data.choices])
         return metric(self.evaluation.metric)(predictions, data.labels)
 
-    def _causal_sequences(self, task: str, split: str) -> list[Sequence]:
+    def _causal_sequences(self, task: str, split: str) -> list[TokenSequence]:
         """A split's token sequences for `causal_lm`, tokenized once (overlays change weights, not tokens)."""
         if (task, split) not in self._sequences:
             data, spec = self.examples(task, split), self.evaluation.tasks[task]
@@ -467,7 +467,10 @@ class Evaluator:
 
 
 def metric(name: str) -> Callable[[torch.Tensor, torch.Tensor], float]:
-    """Accuracy is computed here (works offline); other names go through `evaluate.load`."""
+    """Accuracy is computed here (works offline); other names go through `evaluate.load`.
+
+    Perplexity is not a function of predictions and labels: the causal_lm head computes it itself.
+    """
     if name == "accuracy":
         return lambda predictions, labels: float((predictions == labels).double().mean())
     import evaluate

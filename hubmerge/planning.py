@@ -18,8 +18,9 @@ import torch
 from hubmerge import fused
 from hubmerge.adapters import task_models, with_base
 from hubmerge.artifacts import OUTPUT_DTYPES, output_dtype
-from hubmerge.errors import HubmergeError
+from hubmerge.errors import HubmergeError, RecipeError
 from hubmerge.hub import HubSource
+from hubmerge.ia3 import Ia3Base, ia3_base, ia3_configs
 from hubmerge.lock import Lock
 from hubmerge.methods import METHODS, MergeSpec
 from hubmerge.methods.registry import PieceVector, TiesVector
@@ -32,6 +33,7 @@ from hubmerge.sources import (
     check_compatible,
     locate_source,
     open_source,
+    provenance,
     sources_error,
 )
 
@@ -132,9 +134,20 @@ def prepare(
     located = locate_sources(recipe, token=token, endpoint=endpoint)
     if lock is not None:
         lock.check({s: where for s, where in located.items() if isinstance(where, HubSource)})
-    opened = {s: open_source(s, where, token=token, endpoint=endpoint) for s, where in located.items()}
-    base = opened[recipe.base]
-    models = list(task_models(recipe, opened, base).values())
+    # the models first: (IA)³ adapters are merged in their own space, without the base's weights
+    opened = {
+        s: open_source(s, located[s], token=token, endpoint=endpoint) for s in dict.fromkeys(recipe.sources)
+    }
+    sources = [opened[s] for s in recipe.sources]
+    if ia3_configs(recipe.task_names, sources) is None:
+        if recipe.base not in opened:
+            opened[recipe.base] = open_source(
+                recipe.base, located[recipe.base], token=token, endpoint=endpoint
+            )
+        base = opened[recipe.base]
+        models = list(task_models(recipe, opened, base).values())
+    else:
+        base, models = ia3_base(provenance(recipe.base, located[recipe.base]), sources[0]), sources
     check_compatible(
         base, models, recipe.task_names, recipe.selects, own_tensors=method.result == "compressed"
     )
@@ -146,7 +159,12 @@ def prepare(
         base=base,
         models=models,
     )
-    if recipe.output_format == "peft":
+    if isinstance(base, Ia3Base):
+        if recipe.lora_rank is not None:
+            raise RecipeError(
+                "lora_rank: applies to LoRA adapters; these are (IA)³ adapters", field="lora_rank"
+            )
+    elif recipe.output_format == "peft":
         lora_tasks(job)  # every model a LoRA adapter that one merged adapter can stand for
     return job
 

@@ -39,6 +39,7 @@ from hubmerge.engine import Engine
 from hubmerge.errors import HubmergeError, RecipeError
 from hubmerge.evaluation import Evaluator, Overlay, mean, normalized
 from hubmerge.hub import Published
+from hubmerge.ia3 import Ia3Base, write_ia3_config
 from hubmerge.integrity import (
     record_hashes,
     verify_files,
@@ -290,12 +291,17 @@ def run_recipe(
             with contextlib.closing(engine), shared_staging(target, overwrite, inputs, group) as staging:
                 engine.collect_statistics()
                 adapter = None
-                if recipe.output_format == "peft":
+                ia3 = isinstance(job.base, Ia3Base)
+                if recipe.output_format == "peft" and not ia3:
                     adapter = engine.write_adapter(staging).record()
                 elif job.spec.result == "merged":
                     engine.write_merged(staging, max_shard_size)
+                    if ia3 and group.is_main:  # (IA)³ vectors merged: an (IA)³ adapter
+                        adapter = write_ia3_config(staging, job.models[0], job.recipe.base)
                 else:
                     engine.write_artifact(staging, max_shard_size)
+                    if ia3 and group.is_main:  # what each rebuilt task needs to load as an adapter
+                        adapter = write_ia3_config(staging, job.models[0], job.recipe.base)
                 if group.is_main:
                     parts = (
                         write_task_parts(job, engine, staging) if job.spec.result == "compressed" else None

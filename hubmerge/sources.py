@@ -444,15 +444,22 @@ def sources_error(errors: list[SourceError]) -> SourceError:
     return SourceError(f"{len(errors)} sources {what}: {listed}{hints}", missing=what == "not found")
 
 
+def provenance(spec: str, where: Path | HubSource) -> Provenance:
+    """Where a located source is: its absolute path, or its repo id at the pinned commit."""
+    if isinstance(where, Path):
+        return Provenance(source=spec, location=str(where.resolve()))
+    return Provenance(source=spec, location=where.repo_id, revision=where.sha)
+
+
 def open_source(
     spec: str, where: Path | HubSource, *, token: str | None = None, endpoint: str | None = None
 ) -> Checkpoint:
     """Open a located source (downloading a Hub snapshot at its pinned commit); reads headers only."""
     if isinstance(where, Path):
-        ckpt = open_local(where, Provenance(source=spec, location=str(where.resolve())))
+        ckpt = open_local(where, provenance(spec, where))
     else:
         path = hub.download(where, token=token, endpoint=endpoint)
-        ckpt = open_local(path, Provenance(source=spec, location=where.repo_id, revision=where.sha))
+        ckpt = open_local(path, provenance(spec, where))
         if where.pipeline_tag:
             ckpt.card_metadata.setdefault("pipeline_tag", where.pipeline_tag)
     return ckpt

@@ -16,7 +16,7 @@ import torch
 import yaml
 from huggingface_hub import ModelCard
 from rich.console import Console
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 from tokenizers import Tokenizer, models, pre_tokenizers, processors
 from transformers import (
     AutoModelForCausalLM,
@@ -35,6 +35,7 @@ from hubmerge.evaluation import Evaluator, better, higher_is_better
 from hubmerge.recipe import Evaluation, parse_recipe
 from hubmerge.search import run_search
 from tests import golden
+from tests.test_evaluation import FakeEvaluator
 from tests.tiny_models import perturb_
 
 SPECIAL = ["<pad>", "<s>", "</s>", "<unk>"]
@@ -240,32 +241,25 @@ def test_perplexity_is_lower_is_better() -> None:
     assert not better(9.0, 9.0, "perplexity")
 
 
-class FakeEvaluator:
-    """Scores overlays by a known function of one weight, so the best candidate is known in advance."""
-
-    def __init__(self, tasks: list[str], score):
-        self.tasks = tasks
-        self._score = score
-        self.device = torch.device("cpu")
-
-    def score(self, task: str, overlay: dict[str, torch.Tensor], split: str) -> float:
-        return self._score(task, overlay)
-
-
-def test_search_minimizes_perplexity(tmp_path: Path) -> None:
-    names = ["task_00", "task_01", "task_02", "task_03"]
-    evaluation = {
+def perplexity_evaluation(tasks: list[str]) -> dict:
+    return {
         "head": "causal_lm",
         "metric": "perplexity",
-        "tasks": {t: {"data_files": {"validation": "v.jsonl", "test": "t.jsonl"}} for t in names},
+        "tasks": {t: {"data_files": {"validation": "v.jsonl", "test": "t.jsonl"}} for t in tasks},
     }
+
+
+def test_scaling_search_minimizes_perplexity(tmp_path: Path) -> None:
+    names = golden.TASKS
     recipe = parse_recipe(
-        {**golden.recipe("task_arithmetic"), "evaluation": evaluation, "search": {"scaling": [0.2, 0.4, 0.6]}}
+        {
+            **golden.recipe("task_arithmetic"),
+            "evaluation": perplexity_evaluation(names),
+            "search": {"scaling": [0.2, 0.4, 0.6]},
+        }
     )
     out = tmp_path / "variant"
     out.mkdir()
-    from safetensors.torch import save_file
-
     save_file({"w": torch.ones(2)}, str(out / "model.safetensors"))
     # perplexity falls from α = 0.2 to 0.4, then rises: a maximizer would pick 0.6
     perplexities = {0.2: 20.0, 0.4: 10.0, 0.6: 30.0, 9.0: 5.0}
@@ -274,6 +268,34 @@ def test_search_minimizes_perplexity(tmp_path: Path) -> None:
         recipe, {"w": torch.zeros(2)}, {n: {"w": torch.full((2,), 9.0)} for n in names}, fake, lambda p: out
     )
     assert result.chosen == {"scaling": 0.4}
+
+
+def test_lambda_search_minimizes_perplexity(tmp_path: Path) -> None:
+    """tall_masks: each task's λ on its own score; the denser masks (small λ) change more entries."""
+    from hubmerge.run import run_recipe
+
+    data = golden.recipe("tall_masks", {"merge": "task_arithmetic"})
+    names = golden.TASKS
+    data["models"] = [{"source": m, "name": n} for m, n in zip(data["models"], names, strict=True)]
+    recipe = parse_recipe(
+        {**data, "evaluation": perplexity_evaluation(names), "search": {"lambda": [0.2, 0.6]}}
+    )
+    theta0 = golden.base()
+    keys = sorted(k for k, v in theta0.items() if v.is_floating_point())
+    base = {k: theta0[k].float() for k in keys}
+    finetuned = {n: {k: base[k] + 1 for k in keys} for n in names}
+
+    def run_variant(parameters: dict) -> Path:
+        variant = recipe.model_copy(update={"parameters": parameters, "evaluation": None, "search": None})
+        return run_recipe(variant, output=tmp_path / f"lam-{parameters['lambda']}").output
+
+    def changed(overlay: dict[str, torch.Tensor]) -> float:
+        return sum(int((overlay[k] != base[k]).sum()) for k in keys) / sum(base[k].numel() for k in keys)
+
+    # as a perplexity, the share of changed entries is lowest for the sparsest masks
+    evaluator = FakeEvaluator(names, lambda t, o: 1.0 if o is finetuned[t] else changed(o))
+    result = run_search(recipe, base, finetuned, evaluator, run_variant)
+    assert result.chosen == {"lambda": dict.fromkeys(names, 0.6)}
 
 
 def test_run_with_perplexity_search_report_card_and_table(lm: Path, tmp_path: Path) -> None:
