@@ -1,9 +1,12 @@
 """PEFT adapters as task models: a LoRA adapter reads as the fine-tuned model it stands for.
 
-A LoRA task's tensor is θ_t = θ0 + ΔW, formed piece by piece when the engine reads it, with ΔW =
-transpose(B @ A, fan_in_fan_out) · scaling exactly as PEFT's `get_delta_weight` forms it, in float32. For a
-float32 base that is the weight `PeftModel.merge_and_unload()` gives, bit for bit; for a bfloat16/float16
-base θ_t stays float32 (PEFT would round it back to the base's dtype, losing most of a small ΔW). Weights the
+A LoRA task's tensor is θ_t = θ0 + ΔW, formed piece by piece when the engine reads it (never the whole
+model's ΔW at once), with ΔW = transpose(B @ A, fan_in_fan_out) · scaling as PEFT's `get_delta_weight` forms
+it, in float32. For a float32 base and a tensor read whole (up to the engine's piece size, 2^21 entries by
+default) that is the weight `PeftModel.merge_and_unload()` gives, bit for bit; a tensor read in row pieces gets
+the products of those rows, which BLAS may round a few float32 ulps of ΔW differently from the whole product.
+For a bfloat16/float16 base θ_t stays float32 (PEFT would round it back to the base's dtype, losing most of a
+small ΔW). Weights the
 adapter does not touch read as the base's, so their τ_t is exactly 0; tensors it saves whole
 (`modules_to_save`, trained biases) replace the base's.
 

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 
 from hubmerge.adapters import LoraTask, module_key
 from hubmerge.errors import RecipeError
@@ -56,6 +56,36 @@ def lora_tasks(job: MergeJob) -> list[LoraTask]:
     return tasks
 
 
+def adapted_modules(tasks: list[LoraTask]) -> tuple[dict[str, tuple[str, str, bool]], dict[str, str]]:
+    """({base key: (lora_A key, lora_B key, transposed)}, {base key: saved key}) of the merged adapter: each
+    module under its names in the first adapter that adapts it, each tensor saved whole likewise."""
+    adapted: dict[str, tuple[str, str, bool]] = {}
+    whole: dict[str, str] = {}
+    for task in tasks:
+        for key, lora in task.layout.modules.items():
+            assert lora.b_key is not None
+            adapted.setdefault(key, (lora.a_key, lora.b_key, lora.transposed))
+        for key, stored in task.layout.replaced.items():
+            whole.setdefault(key, stored)
+    return adapted, whole
+
+
+def adapter_overlay(job: MergeJob, directory: Path, base: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The weights a merged LoRA adapter gives its base (θ0 + B @ A, scaling 1; saved tensors as they are),
+    float32, for the tensors of `base` (θ0 as an overlay)."""
+    adapted, whole = adapted_modules(lora_tasks(job))
+    tensors = load_file(directory / ADAPTER_FILE)
+    weights = dict(base)
+    for key, (a_key, b_key, transposed) in adapted.items():
+        if key in weights and a_key in tensors:
+            update = tensors[b_key].float() @ tensors[a_key].float()
+            weights[key] = base[key] + (update.T if transposed else update).to(base[key].device)
+    for key, stored in whole.items():
+        if key in weights and stored in tensors:
+            weights[key] = tensors[stored].float().to(base[key].device)
+    return weights
+
+
 def factor(update: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor, float]:
     """The rank-`rank` LoRA factors of a module's update and the share of its energy they keep.
 
@@ -89,15 +119,7 @@ class PeftSink:
             raise RecipeError("output_format: peft runs in one process (leave out --num-processes)")
         rank = job.recipe.lora_rank
         assert rank is not None
-        # each module by its names in the first adapter that adapts it, and every tensor saved whole
-        adapted: dict[str, tuple[str, str, bool]] = {}
-        whole: dict[str, str] = {}
-        for task in tasks:
-            for key, lora in task.layout.modules.items():
-                assert lora.b_key is not None
-                adapted.setdefault(key, (lora.a_key, lora.b_key, lora.transposed))
-            for key, stored in task.layout.replaced.items():
-                whole.setdefault(key, stored)
+        adapted, whole = adapted_modules(tasks)
         keys = sorted(k for k in {*adapted, *whole} if k in set(job.merge_keys))
         tensors: dict[str, torch.Tensor] = {}
 

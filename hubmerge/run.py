@@ -56,6 +56,7 @@ from hubmerge.output import (
     output_lock,
     read_manifest,
 )
+from hubmerge.peft_output import adapter_overlay
 from hubmerge.planning import DEFAULT_BLOCK_ENTRIES, MergeJob, prepare, resolve_device
 from hubmerge.private import task_parts
 from hubmerge.recipe import ModelEntry, PushTarget, Recipe, is_hub_id
@@ -416,6 +417,12 @@ class Scoring:
         """Load data, models and heads, and check them, before any merge work."""
         evaluation = job.recipe.evaluation
         assert evaluation is not None
+        if isinstance(job.base, Ia3Base):
+            raise RecipeError(
+                "evaluation: merges of (IA)³ adapters are not scored (their vectors act inside the adapted "
+                "model; load the merged adapter with PEFT to evaluate it)",
+                field="evaluation",
+            )
         if job.base.directory is None or any(m.directory is None for m in job.models):
             raise HubmergeError(
                 "evaluation: needs model directories (with config.json), not bare weight files"
@@ -444,6 +451,9 @@ class Scoring:
                     for m, n in zip(job.models, job.task_names, strict=True)
                 ],
                 "dtype": "float32",
+                # candidates are read back as weights: a merged adapter is made only of the chosen values
+                "output_format": "model",
+                "lora_rank": None,
                 "evaluation": None,
                 "search": None,
                 "push": None,
@@ -478,7 +488,10 @@ class Scoring:
             "zero-shot": {t: self.evaluator.score(t, self.base, split) for t in tasks},
             "fine-tuned": {t: self.evaluator.score(t, self.finetuned[t], split) for t in tasks},
         }
-        if job.spec.result == "merged":
+        if job.recipe.output_format == "peft":
+            weights = adapter_overlay(job, output, self.base)
+            scores[job.recipe.method] = {t: self.evaluator.score(t, weights, split) for t in tasks}
+        elif job.spec.result == "merged":
             weights = read_overlay(output, list(self.base))
             scores[job.recipe.method] = {t: self.evaluator.score(t, weights, split) for t in tasks}
         else:

@@ -19,6 +19,7 @@ import yaml
 from hubmerge import hub
 from hubmerge.errors import SourceError
 from hubmerge.hub import (
+    ADAPTER_CONFIG,
     BIN_INDEX,
     CARD_FILE,
     OPEN_CLIP_CONFIG,
@@ -374,6 +375,12 @@ def _weight_files(root: Path) -> list[Path]:
     if len(candidates) == 1:
         return candidates
     found = ", ".join(p.name for p in candidates) if candidates else "none"
+    if (root / ADAPTER_CONFIG).is_file():  # a PEFT adapter directory (hubmerge.adapters)
+        raise SourceError(
+            f"{root}: adapter weights missing: {root} has {ADAPTER_CONFIG} but no "
+            "adapter_model.safetensors or adapter_model.bin",
+            path=root,
+        )
     raise SourceError(
         f"{root}: no model weights found (looked for {SAFETENSORS_INDEX}, model.safetensors, {BIN_INDEX}, "
         f"pytorch_model.bin, open_clip_pytorch_model.bin, or a single *.safetensors; found: {found})",

@@ -13,7 +13,10 @@ from hubmerge.recipe import parse_recipe
 from tests.hubserver import HubServer
 from tests.test_bad_input import Workspace, refused_without_writing
 
-TOP_LEVEL = "version, base, models, method, parameters, dtype, tau_dtype, output, include, exclude, evaluation, search, push"
+TOP_LEVEL = (
+    "version, base, models, method, parameters, dtype, tau_dtype, output, output_format, lora_rank, include, "
+    "exclude, evaluation, search, push"
+)
 
 
 def recipe(**overrides: Any) -> dict[str, Any]:
@@ -60,7 +63,7 @@ UNKNOWN_KEYS = [
     (
         "model-entry",
         {"models": [{"source": "/m/a", "nmae": "x"}, "/m/b"]},
-        "models.0.nmae: unknown field (did you mean 'name'? valid: source, name)",
+        "models.0.nmae: unknown field (did you mean 'name'? valid: source, name, kind)",
     ),
     (
         "nested-parameter",
