@@ -14,10 +14,11 @@ hash of (seed, tensor, task, entry), the same on every device.
 The exceptions are the settings whose plan has a per-tensor statistics pass (`not_byte_identical` says why:
 DARE's and DELLA's L1 rescale, Model Stock's cosines, SLERP's norms and angle): it sums floats (float64) over
 a whole tensor, which a GPU reduces in another order than the CPU, so a sum can differ in its last bit (and
-the functions of the sums, sqrt, acos, sin, may come from another library); where that moves a float32 value
-across a rounding boundary an output entry differs by an ulp. That is rare (about one float64 ulp in 2^29
-changes a float32 rounding), so their outputs are checked to be byte-identical or else to differ in few
-entries by at most MAX_ULPS units in the last place of the stored dtype.
+the functions of the sums, sqrt, acos, sin, may come from another library). Where that moves a per-tensor
+float32 scalar (Model Stock's t, a rescale factor) across a rounding boundary, every entry computed from it
+may differ by an ulp of the operands: on an H200, Model Stock moved 16 of a 32-entry tensor's entries by one
+ulp, and an entry near zero, where t·θ_avg and (1 − t)·θ0 cancel, by 128 ulps of itself. So their outputs are
+checked to differ by at most MAX_ULPS ulps of each tensor's largest entry, in any number of entries.
 """
 
 from __future__ import annotations
@@ -46,7 +47,6 @@ BLOCK_ENTRIES = 1024  # several pieces per tensor (the embeddings hold 99 × 32 
 # Differ between two runs of one recipe by design.
 VOLATILE_RECORD_KEYS = {"created", "seconds", "device"}
 MAX_ULPS = 2  # where a setting with a per-tensor statistics pass differs, by at most this many ulps
-MAX_DIFFERING_SHARE = 0.001  # ... in at most this share of the entries
 # Non-default settings that take other code paths than the defaults (per-tensor trim, `max`, TIES inside TALL).
 VARIANTS = {
     "ties_tensor": ("ties", {"trim": "tensor"}),
@@ -135,8 +135,8 @@ INTEGER_VIEW = {torch.float32: torch.int32, torch.bfloat16: torch.int16, torch.f
 
 
 def assert_within_ulps(expected: Path, got: Path) -> None:
-    """The outputs hold the same files and tensors, which are equal but for at most MAX_DIFFERING_SHARE of
-    the entries, each at most MAX_ULPS ulps apart (same sign); the other files are byte-identical."""
+    """The outputs hold the same files and tensors, whose entries differ by at most MAX_ULPS ulps of the
+    tensor's largest entry; the other files are byte-identical."""
     expected_files, got_files = files_of(expected), files_of(got)
     assert expected_files.keys() == got_files.keys()
     for name in expected_files:
@@ -151,11 +151,10 @@ def assert_within_ulps(expected: Path, got: Path) -> None:
             if x.dtype not in INTEGER_VIEW:
                 assert torch.equal(x, y), f"{name}: {key} ({x.dtype}) differs"
                 continue
-            # sign and magnitude as integers: neighbouring floats of one sign are neighbouring integers
-            ulps = (x.view(INTEGER_VIEW[x.dtype]).long() - y.view(INTEGER_VIEW[x.dtype]).long()).abs()
-            assert int(ulps.max()) <= MAX_ULPS, f"{name}: {key} differs by {int(ulps.max())} ulps"
-            differing = int((ulps > 0).sum())
-            assert differing <= MAX_DIFFERING_SHARE * x.numel() + 1, f"{name}: {key}: {differing} entries"
+            # an ulp of the largest entry is at most eps times its magnitude
+            scale = float(x.float().abs().max()) * torch.finfo(x.dtype).eps
+            worst = float((x.float() - y.float()).abs().max())
+            assert worst <= MAX_ULPS * scale, f"{name}: {key} differs by {worst / max(scale, 1e-45):.1f} ulps"
     # the files' hashes differ, and the statistics may hold float sums
     stable = {k: v for k, v in record_of(expected).items() if k not in ("files", "stats")}
     assert {k: v for k, v in record_of(got).items() if k not in ("files", "stats")} == stable
@@ -205,9 +204,11 @@ def test_the_ulp_comparison_accepts_last_bit_differences_only(models, tmp_path):
     tensors = load_file(got / name)
     key = next(k for k, v in tensors.items() if v.is_floating_point() and v.numel() > 2000)
     bits = tensors[key].view(INTEGER_VIEW[tensors[key].dtype])
-    for ulps, accepted in [(1, True), (MAX_ULPS, True), (MAX_ULPS + 1, False)]:
+    largest = int(tensors[key].abs().argmax())
+    # its ulps are at least half an eps of its magnitude: 4·MAX_ULPS of them exceed MAX_ULPS eps
+    for ulps, accepted in [(1, True), (MAX_ULPS, True), (4 * MAX_ULPS, False)]:
         changed = bits.clone()
-        changed.view(-1)[0] += ulps
+        changed.view(-1)[largest] += ulps
         save_file({**tensors, key: changed.view(tensors[key].dtype)}, got / name)
         if accepted:
             assert_within_ulps(expected, got)

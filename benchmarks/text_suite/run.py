@@ -23,6 +23,7 @@ import argparse
 import datetime as dt
 import hashlib
 import json
+import math
 import os
 import platform
 import re
@@ -31,7 +32,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -67,6 +68,10 @@ class Method:
     # Compressed outputs only: the recipe's `tau_dtype` (τ_MTL as stored). None leaves the key out of the
     # recipe (hubmerge's default, float32), so the float32 rows' recipes and cached outputs stay as they were.
     tau_dtype: str | None = None
+    # Merged-LoRA output rows only (`--inputs lora`): the recipe's `output_format: peft` and `lora_rank`, and the
+    # row whose chosen α this one uses (no search of its own).
+    lora_rank: int | None = None
+    alpha_from: str | None = None
 
 
 METHODS = (
@@ -150,6 +155,30 @@ MERGEKIT_ROWS = (
 )
 # The main table's rows that the mergekit subsection repeats (read back from the docs) for comparison.
 MERGEKIT_REFERENCE_LABELS = ("Task Arithmetic", "TIES")
+# `--inputs lora`: the main table's rows, on the LoRA adapters, then the merged update written as one rank-16 LoRA
+# adapter (`output_format: peft`) at the α the full-merge row chose.
+LORA_ROWS = (
+    "weight_average",
+    "task_arithmetic",
+    "ties",
+    "consensus_ta",
+    "consensus_ties",
+    "magnitude_masking",
+    "magnitude_pruning",
+    "tall_ta",
+    "tall_ties",
+)
+LORA_RANK_METHODS = (
+    Method(
+        "task_arithmetic_r16",
+        "Task Arithmetic → LoRA r = 16",
+        "task_arithmetic",
+        lora_rank=16,
+        alpha_from="task_arithmetic",
+    ),
+    Method("ties_r16", "TIES → LoRA r = 16", "ties", {"density": 0.2}, lora_rank=16, alpha_from="ties"),
+)
+LORA_BEGIN, LORA_END = "<!-- text_suite_lora: begin -->", "<!-- text_suite_lora: end -->"
 # hubmerge methods whose output is one merged model (no per-task artifact), from hubmerge's registry.
 MERGED = frozenset(name for name, spec in HUB_METHODS.items() if spec.result == "merged")
 
@@ -184,16 +213,19 @@ def rel(path: Path, root: Path) -> str:
     return str(path.relative_to(root)) if path.is_relative_to(root) else str(path)
 
 
-def suite_tasks(cache: Path) -> list[SuiteTask]:
-    """The fine-tuned tasks of ``finetune_report.json``, in its (sorted) order."""
-    report = json.loads((cache / "finetune_report.json").read_text())
+def suite_tasks(cache: Path, inputs: str = "full") -> list[SuiteTask]:
+    """The fine-tuned tasks of ``finetune_report.json``, in its (sorted) order; with ``inputs="lora"`` the LoRA
+    adapters of ``lora/finetune_lora_report.json`` (``lora/<task>/``) instead of the fine-tuned encoders."""
+    lora = inputs == "lora"
+    report_path = cache / "lora" / "finetune_lora_report.json" if lora else cache / "finetune_report.json"
+    report = json.loads(report_path.read_text())
     tasks = []
     for name, results in report["tasks"].items():
         meta = json.loads((cache / "data" / name / "meta.json").read_text(encoding="utf-8"))
         tasks.append(
             SuiteTask(
                 name,
-                cache / "finetuned" / name,
+                cache / ("lora" if lora else "finetuned") / name,
                 cache / "data" / name,
                 meta["label_texts"],
                 results["max_length"],
@@ -203,17 +235,22 @@ def suite_tasks(cache: Path) -> list[SuiteTask]:
 
 
 def recipe_for(
-    method: Method, tasks: list[SuiteTask], base: Path, output: Path, grids: Grids, root: Path
+    method: Method, tasks: list[SuiteTask], base: Path | None, output: Path, grids: Grids, root: Path
 ) -> dict[str, Any]:
-    """The recipe of ``method`` over ``tasks`` as a YAML-ready dict (paths relative to ``root``)."""
+    """The recipe of ``method`` over ``tasks`` as a YAML-ready dict (paths relative to ``root``).
+
+    ``base`` None leaves the key out (PEFT adapters name their base); a method with ``lora_rank`` writes its
+    merged update as one LoRA adapter (``output_format: peft``).
+    """
     recipe: dict[str, Any] = {
         "version": 1,
-        "base": rel(base, root),
+        **({"base": rel(base, root)} if base is not None else {}),
         "models": [{"source": rel(t.finetuned, root), "name": t.name} for t in tasks],
         "method": method.method,
         "parameters": dict(method.parameters),
         "dtype": "auto",
         **({"tau_dtype": method.tau_dtype} if method.tau_dtype else {}),
+        **({"output_format": "peft", "lora_rank": method.lora_rank} if method.lora_rank else {}),
         "output": rel(output, root),
         "evaluation": {
             "head": "zero_shot_text",
@@ -1041,11 +1078,11 @@ def machine() -> str:
     return f"{cpu_model() or platform.processor()}, `nproc` = {nproc}; the cores were shared with other jobs"
 
 
-def run_method(recipe_path: Path) -> dict[str, Any]:
+def run_method(recipe_path: Path, device: str = "cpu") -> dict[str, Any]:
     """Run one recipe in this process (threads and denormal flushing as in fine-tuning) and return its record."""
     from hubmerge import load_recipe, run_recipe
 
-    result = run_recipe(load_recipe(recipe_path), str(recipe_path), overwrite=True, device="cpu")
+    result = run_recipe(load_recipe(recipe_path), str(recipe_path), overwrite=True, device=device)
     return result.record
 
 
@@ -1073,9 +1110,397 @@ def subsection_context(
     }
 
 
+LORA_EXTRA_ROWS = ("dare_ties",)  # hubmerge's counterpart of PEFT's dare_ties (the side-by-side table only)
+PEER_REPORT = "peft_peer.json"  # peft_peer.py's report, in out_lora/
+# PEFT combination type → (hubmerge row key, same method?) for the side-by-side table.
+PEER_PAIRS = (
+    ("cat", "task_arithmetic", True),
+    ("linear", "task_arithmetic", False),
+    ("ties", "ties", False),
+    ("dare_ties", "dare_ties", False),
+    ("magnitude_prune", "magnitude_pruning", False),
+    ("ties_svd", "ties_r16", False),
+)
+
+
+def fixed_alpha(method: Method, source: Mapping[str, Any] | None) -> Method | None:
+    """A merged-LoRA row with the α its full-merge row (``source``, a ``hubmerge.json``) chose on validation
+    fixed in its parameters; None while that row has no output."""
+    if source is None:
+        return None
+    chosen = source.get("search", {}).get("chosen", {})
+    alpha = chosen.get("scaling", source.get("parameters", {}).get("scaling"))
+    if alpha is None:
+        return None
+    return replace(method, parameters={**method.parameters, "scaling": alpha})
+
+
+def same_method_check(cat: Mapping[str, Any], hub_record: Mapping[str, Any] | None) -> dict[str, Any] | None:
+    """PEFT `cat` at the α hubmerge Task Arithmetic chose, against that row (test accuracies per task)."""
+    if hub_record is None:
+        return None
+    alpha = hub_record.get("search", {}).get("chosen", {}).get("scaling")
+    match = [
+        c for c in cat["candidates"] if "test" in c and alpha is not None and math.isclose(c["alpha"], alpha)
+    ]
+    if not match and alpha is not None and math.isclose(cat["chosen_alpha"], alpha):
+        match = [cat]  # only the chosen α is scored on test
+    if not match:
+        return None
+    peft = match[0]["test"]["accuracy"]
+    hub = hub_record["evaluation"]["rows"]["task_arithmetic"]["accuracy"]
+    diffs = {t: peft[t] - hub[t] for t in hub}
+    return {
+        "alpha": alpha,
+        "peft_accuracy": sum(peft.values()) / len(peft),
+        "hub_accuracy": sum(hub.values()) / len(hub),
+        "max_task_diff": max(abs(d) for d in diffs.values()),
+        "identical_tasks": sum(d == 0 for d in diffs.values()),
+        "task_diffs": diffs,
+    }
+
+
+def lora_targets(
+    rows: Mapping[str, Mapping[str, Any]], peer: Mapping[str, Any] | None, pairs: list[dict[str, Any]]
+) -> list[str]:
+    """The issue's three targets for LoRA inputs, each with its numbers and met / missed / not run.
+
+    ``rows`` maps row labels to evaluation rows; ``pairs`` are the side-by-side rows of ``peer_pairs``."""
+    checks = []
+    if peer is None or not pairs:
+        checks.append("(a) every hubmerge method ≥ its PEFT counterpart: not run (no peft_peer.py report)")
+    else:
+        parts, ok = [], True
+        for pair in pairs:
+            hub, other = pair["hub_normalized"], pair["peft_normalized"]
+            if hub is None or other is None:
+                continue
+            if pair["same"]:
+                acc = abs(pair["hub_accuracy"] - pair["peft_accuracy"])
+                good = acc <= 0.003
+                parts.append(
+                    f"{pair['hub_label']} vs `{pair['type']}` (same method): mean test accuracy differs by "
+                    f"{100 * acc:.2f} points (≤ 0.3 needed)"
+                )
+            else:
+                good = hub >= other
+                parts.append(
+                    f"{pair['hub_label']} {percent(hub)} vs `{pair['type']}` {percent(other)} % normalized"
+                )
+            ok = ok and good
+        verdict = "met" if ok else "**missed**"
+        checks.append(f"(a) every hubmerge method ≥ its PEFT counterpart: {'; '.join(parts)} → {verdict}")
+    for label in ("TALL masks + TA", "TALL masks + TIES"):
+        row = rows.get(label)
+        if row is None:
+            checks.append(f"(b) {label} ≥ 97 % normalized: not run")
+            continue
+        value = row["mean_normalized"]
+        checks.append(
+            f"(b) {label} ≥ 97 % normalized: {percent(value)} % → {'met' if value >= 0.97 else '**missed**'}"
+        )
+    for full_label, rank_label in (
+        ("Task Arithmetic", "Task Arithmetic → LoRA r = 16"),
+        ("TIES", "TIES → LoRA r = 16"),
+    ):
+        full, low = rows.get(full_label), rows.get(rank_label)
+        if full is None or low is None:
+            checks.append(f"(c) {rank_label} ≥ 95 % of {full_label}'s normalized accuracy: not run")
+            continue
+        share = low["mean_normalized"] / full["mean_normalized"]
+        checks.append(
+            f"(c) {rank_label} ≥ 95 % of {full_label}'s normalized accuracy: {percent(low['mean_normalized'])} / "
+            f"{percent(full['mean_normalized'])} = {percent(share)} % → {'met' if share >= 0.95 else '**missed**'}"
+        )
+    return checks
+
+
+def peer_pairs(
+    records: Mapping[str, Mapping[str, Any]], peer: Mapping[str, Any] | None
+) -> list[dict[str, Any]]:
+    """The side-by-side rows: each PEFT combination type of ``peer`` with its hubmerge counterpart."""
+    if peer is None:
+        return []
+    methods = {m.key: m for m in (*METHODS, *LORA_RANK_METHODS)}
+    pairs = []
+    for kind, key, same in PEER_PAIRS:
+        result = peer.get("types", {}).get(kind)
+        if result is None:
+            continue
+        record = records.get(key)
+        row = record["evaluation"]["rows"][methods[key].method] if record else None
+        pairs.append(
+            {
+                "type": kind,
+                "same": same,
+                "key": key,
+                "hub_label": methods[key].label,
+                "hub_accuracy": row["mean_accuracy"] if row else None,
+                "hub_normalized": row["mean_normalized"] if row else None,
+                "hub_merge_seconds": record.get("seconds") if record else None,
+                "peft_accuracy": result["test"]["mean_accuracy"],
+                "peft_normalized": result["test"]["mean_normalized"],
+                "peft_merge_seconds": result["merge_seconds"],
+                "peft_alpha": result["chosen_alpha"],
+                "density": result.get("density"),
+            }
+        )
+    return pairs
+
+
+def render_lora_section(
+    records: Mapping[str, Mapping[str, Any]],
+    timings: Mapping[str, Mapping[str, Any]],
+    peer: Mapping[str, Any] | None,
+    context: Mapping[str, Any],
+) -> str:
+    """The "Text suite with LoRA adapters" subsection: the main table on LoRA inputs, the rank-16 merged-LoRA
+    rows, hubmerge against PEFT's ``add_weighted_adapter`` (``peer``: peft_peer.py's report) and the targets."""
+    methods = {m.key: m for m in (*METHODS, *LORA_RANK_METHODS)}
+    keys = (*LORA_ROWS, *LORA_EXTRA_ROWS, *(m.key for m in LORA_RANK_METHODS))
+    done = [methods[k] for k in keys if k in records]
+    missing = [methods[k] for k in (*LORA_ROWS, *(m.key for m in LORA_RANK_METHODS)) if k not in records]
+    lines = ["### Text suite with LoRA adapters", ""]
+    if not done:
+        return "\n".join([*lines, "Not run yet.", ""])
+    if missing:
+        lines += [f"**Partial run**: not run (out of time): {', '.join(m.label for m in missing)}.", ""]
+    first = records[done[0].key]
+    tasks = [t["name"] for t in first["tasks"]]
+    rows: dict[str, Mapping[str, Any]] = {"zero-shot": first["evaluation"]["rows"]["zero-shot"]}
+    for method in done:
+        rows[method.label] = records[method.key]["evaluation"]["rows"][method.method]
+    rows["fine-tuned (LoRA adapters)"] = first["evaluation"]["rows"]["fine-tuned"]
+    lines += [f"- date: {context['date']}", f"- machine: {context['machine']}", "- commands:", "", "```"]
+    lines += list(context["commands"])
+    lines += [
+        "```",
+        "",
+        "The eight LoRA adapters of `benchmarks/text_suite/finetune_lora.py` (rank 8, alpha 16, on the query, key, "
+        "value, attention-output, intermediate and output dense layers of every layer; see its docstring) as "
+        "recipe models: a task reads as θ_t = θ0 + scaling·B@A, so every method, the search and the "
+        "evaluation run unchanged. Same head, data and evaluation as the table above; values chosen on the "
+        f"validation splits, reported on test. {context['grids']} The *→ LoRA r = 16* rows write the merged "
+        "update α·τ_MTL as one LoRA adapter of rank 16 (`output_format: peft`, `lora_rank: 16`: truncated SVD per "
+        "module) at the α their full-merge row chose (no search of their own), and score θ0 + B@A.",
+        "",
+        "Test accuracy (%), each task with its own head; normalized = accuracy / the adapter's accuracy, "
+        "averaged over tasks:",
+        "",
+        "| method | " + " | ".join(tasks) + " | mean | normalized |",
+        "|---|" + "---|" * (len(tasks) + 2),
+    ]
+    for label, row in rows.items():
+        cells = [percent(row["accuracy"][t]) for t in tasks]
+        lines.append(
+            f"| {label} | {' | '.join(cells)} | {percent(row['mean_accuracy'])} | "
+            f"{percent(row['mean_normalized'])} |"
+        )
+    lines += [
+        "",
+        "Chosen values and wall time (*merge s*: the record's `seconds`, the merge itself; *run s*: the whole "
+        "`hubmerge` run: search on validation, merge, test evaluation of zero-shot, adapters and merge):",
+        "",
+        "| method | searched on validation | values used | merge s | run s |",
+        "|---|---|---|---|---|",
+    ]
+    for method in done:
+        record, timing = records[method.key], timings.get(method.key)
+        rank = f"; LoRA rank {method.lora_rank}" if method.lora_rank else ""
+        lines.append(
+            f"| {method.label} | {searched_grid(record)} | {chosen_setting(record, method)}{rank} | "
+            f"{record.get('seconds', float('nan')):.1f} | {timing['seconds'] if timing else '—'} |"
+        )
+    pairs = peer_pairs(records, peer)
+    if peer is not None:
+        lines += [
+            "",
+            "#### hubmerge vs. PEFT's `add_weighted_adapter`",
+            "",
+            f"`benchmarks/text_suite/peft_peer.py` (PEFT {peer['peft_version']}, device {peer['device']}): the "
+            "base as `AutoModel`, the first adapter with `PeftModel.from_pretrained`, the other seven with "
+            "`load_adapter`, then `add_weighted_adapter(adapters, [α]*8, name, combination_type, density, "
+            "majority_sign_method='total')`; α chosen on validation (mean normalized accuracy, as hubmerge) from "
+            f"{{{', '.join(f'{a:g}' for a in peer['alphas'])}}}, `dare_ties` with torch seed {peer['seed']} "
+            "before each call. Each merged adapter is scored through hubmerge's own `Evaluator` with the "
+            "recipe's `evaluation:` section (θ0 + the new adapter's `get_delta_weight`, i.e. what "
+            "`merge_and_unload` gives), so the numbers compare with the rows above. What the types do "
+            "(PEFT's `tuners/lora/model.py`; s_t = lora_alpha/r = 2 is each adapter's scaling; the new adapter "
+            "has r = lora_alpha, scaling 1):",
+            "",
+            "- `cat`: A = concat_t(α·s_t·A_t), B = concat_t(B_t) (rank 64), so ΔW = α·Σ_t s_t·B_t@A_t exactly: "
+            "the same model as Task Arithmetic (the 0.3-point check);",
+            "- `linear`: A = Σ_t √(α·s_t)·A_t, B = Σ_t √(α·s_t)·B_t (√ of the weight on each factor), so ΔW = "
+            "α·s·(Σ_t B_t)@(Σ_t A_t): all cross terms B_t@A_u (t ≠ u) are in it, a different method from TA;",
+            "- `ties` / `dare_ties` / `magnitude_prune`: the same factor-wise scheme with PEFT's merge_utils "
+            "applied to the stacked A_t (weights √(α·s_t)) and separately to the stacked B_t: `ties` keeps the "
+            "top-density |entries| of each factor tensor, elects the sign per entry from the (unweighted) sum, "
+            "and takes the weighted *mean* over the agreeing factors; `dare_ties` drops entries at random "
+            "(Bernoulli, density) rescaled by 1/density, then the same election and mean; `magnitude_prune` "
+            "keeps the top-density entries of each factor and sums them weighted. ΔW = B′@A′ of the combined "
+            "factors, not TIES/DARE/pruning of ΔW_t: different methods from hubmerge's weight-space ones;",
+            "- `ties_svd`: TIES on the full ΔW_t = s_t·B_t@A_t (weights α), then a rank-16 truncated SVD: the "
+            "counterpart of hubmerge TIES → LoRA r = 16.",
+            "",
+            "| method | hubmerge | accuracy % | normalized % | merge s | PEFT `combination_type` | α | density "
+            "| accuracy % | normalized % | merge s |",
+            "|---|---|---|---|---|---|---|---|---|---|---|",
+        ]
+        for pair in pairs:
+            hub_acc = percent(pair["hub_accuracy"]) if pair["hub_accuracy"] is not None else "—"
+            hub_norm = percent(pair["hub_normalized"]) if pair["hub_normalized"] is not None else "—"
+            hub_s = f"{pair['hub_merge_seconds']:.2f}" if pair["hub_merge_seconds"] is not None else "—"
+            density = "—" if pair["density"] is None else f"{pair['density']:g}"
+            same = " (same method)" if pair["same"] else ""
+            lines.append(
+                f"| {pair['hub_label']} vs `{pair['type']}`{same} | {pair['hub_label']} | {hub_acc} | {hub_norm} | "
+                f"{hub_s} | `{pair['type']}` | {pair['peft_alpha']:g} | {density} | "
+                f"{percent(pair['peft_accuracy'])} | {percent(pair['peft_normalized'])} | "
+                f"{pair['peft_merge_seconds']:.2f} |"
+            )
+        lines += [
+            "",
+            "*merge s*: hubmerge's record `seconds` (read, merge and write of the chosen setting: the whole "
+            "streaming merge, written to disk); PEFT's: the `add_weighted_adapter` call plus forming θ0 + ΔW of "
+            "every LoRA module (the merge), in memory, adapters already loaded "
+            f"(loading the base and the 8 adapters took {peer['load_seconds']:.1f} s once). PEFT's rows are "
+            "normalized by the adapters' own accuracy measured by the same script: "
+            f"{percent(peer['finetuned']['test']['mean_accuracy'])} % mean test accuracy.",
+        ]
+        check = peer.get("same_method_check")
+        if "cat" in peer.get("types", {}):  # against this run's TA row (the peer may have run before it)
+            check = same_method_check(peer["types"]["cat"], records.get("task_arithmetic")) or check
+        if check:
+            lines += [
+                "",
+                f"Same-method check: PEFT `cat` at α = {check['alpha']:g} (hubmerge TA's chosen α) against "
+                f"hubmerge Task Arithmetic: mean test accuracy {percent(check['peft_accuracy'])} vs "
+                f"{percent(check['hub_accuracy'])} %, largest task difference {100 * check['max_task_diff']:.2f} "
+                f"points, {check['identical_tasks']}/{len(tasks)} tasks identical.",
+            ]
+    lines += ["", "Targets (test splits, values chosen on validation):", ""]
+    lines += [f"- {check}" for check in lora_targets(rows, peer, pairs)]
+    if context.get("notes"):
+        lines += ["", *context["notes"]]
+    return "\n".join(lines) + "\n"
+
+
+def write_lora_docs(section: str, docs: Path = DOCS) -> None:
+    """Write the LoRA subsection between its markers, the first time after the mergekit subsection (or the
+    bfloat16 one, or the suite's section)."""
+    text = docs.read_text() if docs.is_file() else ""
+    after = next((m for m in (MERGEKIT_END, BF16_END, END) if m in text), END)
+    write_after(section, after, LORA_BEGIN, LORA_END, docs)
+
+
+def main_lora(args: argparse.Namespace, command: str) -> None:
+    """``--inputs lora``: the main table's methods on the LoRA adapters, then the rank-16 merged-LoRA rows."""
+    os.chdir(ROOT)
+    configure_torch(args.threads)
+    grids = Grids(args.scaling, args.k, args.lambdas)
+    tasks = suite_tasks(CACHE, "lora")
+    recipes_dir, out_dir = CACHE / "recipes_lora", CACHE / "out_lora"
+    recipes_dir.mkdir(parents=True, exist_ok=True)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    methods = {m.key: m for m in METHODS}
+    keys = (*LORA_ROWS, *LORA_EXTRA_ROWS)
+    selected = set(args.methods or [*keys, *(m.key for m in LORA_RANK_METHODS)])
+    records: dict[str, dict[str, Any]] = {}
+    timings: dict[str, dict[str, Any]] = {}
+    plan: list[Method | None] = [methods[k] for k in keys]
+    for pending in (*plan, *LORA_RANK_METHODS):
+        method = pending
+        if method.alpha_from:
+            method = fixed_alpha(method, records.get(method.alpha_from))
+            if method is None:
+                print(f"{pending.key}: skipped ({pending.alpha_from} has no output)", flush=True)
+                continue
+        output = out_dir / method.key
+        recipe_path = recipes_dir / f"{method.key}.yaml"
+        recipe = recipe_for(method, tasks, None, output, grids, ROOT)
+        if method.alpha_from:
+            recipe.pop("search", None)
+        text = yaml.safe_dump(recipe, sort_keys=False)
+        digest = hashlib.sha256(text.encode()).hexdigest()
+        manifest = output / "hubmerge.json"
+        run_path = out_dir / f"{method.key}.run.json"
+        run = json.loads(run_path.read_text()) if run_path.exists() else {}
+        current = manifest.exists() and (args.no_run or run.get("recipe_sha256") == digest)
+        if not current and method.key in selected and not args.no_run:
+            recipe_path.write_text(f"# written by benchmarks/text_suite/run.py --inputs lora\n{text}")
+            load = os.getloadavg()[0]
+            print(f"{method.key}: running (load {load:.1f})", flush=True)
+            started = time.perf_counter()
+            run_method(recipe_path, args.device)
+            run = {
+                "recipe_sha256": digest,
+                "seconds": round(time.perf_counter() - started, 1),
+                "threads": args.threads,
+                "device": args.device,
+                "load_at_start": round(load, 2),
+                "finished": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+                "command": command,
+            }
+            run_path.write_text(json.dumps(run, indent=2) + "\n")
+            current = True
+        if current:
+            records[method.key] = json.loads(manifest.read_text())
+            if run:
+                timings[method.key] = run
+            row = records[method.key]["evaluation"]["rows"][method.method]
+            print(
+                f"{method.key}: test mean {percent(row['mean_accuracy'])} %, normalized "
+                f"{percent(row['mean_normalized'])} % (run {run.get('seconds')} s, merge "
+                f"{records[method.key].get('seconds')} s)",
+                flush=True,
+            )
+    peer_path = out_dir / PEER_REPORT
+    peer = json.loads(peer_path.read_text()) if peer_path.is_file() else None
+    runs = [timings[k] for k in timings]
+    finished = sorted(run["finished"] for run in runs if "finished" in run)
+    devices = sorted({run.get("device", "cpu") for run in runs})
+    load = [run["load_at_start"] for run in runs if "load_at_start" in run]
+    context = {
+        "date": (f"rows measured {finished[0]} – {finished[-1]}; " if finished else "")
+        + f"rendered {dt.datetime.now(dt.timezone.utc).strftime('%Y-%m-%d %H:%M UTC')}",
+        "machine": args.machine
+        or (
+            f"{machine()}; hubmerge device {', '.join(devices) or args.device}"
+            + (f"; load average at the runs' start {min(load):.1f} – {max(load):.1f}" if load else "")
+        ),
+        "commands": list(
+            dict.fromkeys(
+                [
+                    "benchmarks/text_suite/setup.sh && .venv/bin/python benchmarks/text_suite/tasks.py",
+                    "# the adapters: benchmarks/text_suite/finetune_lora.py (see its docstring)",
+                    *(run["command"] for run in runs if "command" in run),
+                    *([peer["command"]] if peer else []),
+                    command,
+                ]
+            )
+        ),
+        "grids": "The grids were **reduced** to fit the time: α ∈ {"
+        + ", ".join(f"{a:g}" for a in grids.scaling)
+        + "}, k ∈ {"
+        + ", ".join(str(k) for k in grids.k)
+        + "}, λ ∈ {"
+        + ", ".join(f"{lam:g}" for lam in grids.lambdas)
+        + "} (the paper's: α ∈ {0.1, …, 1.0}, k ∈ {1, 2, 3}, λ ∈ {0.2, …, 0.6}); each row lists what it "
+        "searched.",
+        "notes": args.note or [],
+    }
+    section = render_lora_section(records, timings, peer, context)
+    print(section)
+    if args.write_lora_docs:
+        write_lora_docs(section)
+        print(f"wrote the LoRA subsection of {DOCS}")
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--methods", nargs="*", choices=[m.key for m in METHODS], help="default: all")
+    parser.add_argument(
+        "--methods", nargs="*", choices=[m.key for m in (*METHODS, *LORA_RANK_METHODS)], help="default: all"
+    )
     parser.add_argument("--scaling", nargs="+", type=float, default=PAPER_SCALING, help="α grid")
     parser.add_argument("--k", nargs="+", type=int, default=PAPER_K, help="Consensus k grid")
     parser.add_argument("--lambda", dest="lambdas", nargs="+", type=float, default=PAPER_LAMBDA)
@@ -1092,10 +1517,28 @@ def main(argv: list[str] | None = None) -> None:
         action="store_true",
         help=f"replace only the mergekit-methods subsection of {DOCS} (and check DARE at density 1 against TA)",
     )
+    parser.add_argument(
+        "--inputs",
+        choices=["full", "lora"],
+        default="full",
+        help="full: the fine-tuned encoders (default); lora: the LoRA adapters of .cache/text_suite/lora/ "
+        "(recipes_lora/, out_lora/), with the merged-LoRA output rows",
+    )
+    parser.add_argument("--device", default="cpu", help="hubmerge's device (--inputs lora only)")
+    parser.add_argument("--machine", help="--inputs lora: the machine line of the docs (default: this one)")
+    parser.add_argument("--note", action="append", help="--inputs lora: a line added to the docs section")
+    parser.add_argument(
+        "--write-lora-docs",
+        action="store_true",
+        help=f"--inputs lora: replace the LoRA subsection of {DOCS} (with peft_peer.py's report when present)",
+    )
     args = parser.parse_args(argv)
     command = ".venv/bin/python benchmarks/text_suite/run.py" + "".join(
         f" {a}" for a in (sys.argv[1:] if argv is None else argv)
     )
+    if args.inputs == "lora":
+        main_lora(args, command)
+        return
 
     os.chdir(ROOT)  # recipe paths are relative to the repository root
     configure_torch(args.threads)  # hubmerge leaves torch's defaults; denormal flushing matters on this CPU
