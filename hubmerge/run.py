@@ -20,7 +20,7 @@ from huggingface_hub import constants as hf_constants
 
 import hubmerge
 from hubmerge import hub
-from hubmerge.adapters import with_base
+from hubmerge.adapters import LoraTask, with_base
 from hubmerge.artifacts import (
     FORMAT,
     FORMAT_VERSION,
@@ -422,6 +422,14 @@ class Scoring:
                 "evaluation: merges of (IA)³ adapters are not scored (their vectors act inside the adapted "
                 "model; load the merged adapter with PEFT to evaluate it)",
                 field="evaluation",
+            )
+        adapters = [n for n, m in zip(job.task_names, job.models, strict=True) if isinstance(m, LoraTask)]
+        if evaluation.head == "sequence_classification" and adapters:
+            raise RecipeError(
+                f"evaluation.head: sequence_classification loads each task's own model for its head; "
+                f"{', '.join(map(repr, adapters))} {'is an adapter' if len(adapters) == 1 else 'are adapters'} "
+                "(score adapters with a zero-shot or causal_lm head)",
+                field="evaluation.head",
             )
         if job.base.directory is None or any(m.directory is None for m in job.models):
             raise HubmergeError(
