@@ -245,14 +245,17 @@ def build_card(
             f"# or a directory: hubmerge materialize {where} --task {first} --output {first}-model"
         )
     elif adapter is not None:
-        summary = (
-            f"{t} PEFT adapters of one base merged with `{record.method}` into one {adapter.peft_type} adapter"
-            + (
-                f" of rank {adapter.rank} (truncated SVD of each module's merged update)."
-                if adapter.rank
-                else "."
+        summary = f"{t} PEFT adapters of one base merged with `{record.method}` into one {adapter.peft_type} adapter"
+        energies = [module.energy for module in adapter.modules.values()]
+        if adapter.rank and energies:
+            summary += (
+                f" of rank {adapter.rank}: a truncated SVD of each module's merged update, which keeps "
+                f"{min(energies):.1%}–{max(energies):.1%} of its energy (Σ s_i² of the kept singular values over "
+                f"all; mean {sum(energies) / len(energies):.1%} over {len(energies)} modules, each listed in "
+                "hubmerge.json)."
             )
-        )
+        else:
+            summary += "."
         base_id = record.base.location if record.base.revision else "<the base model>"
         usage = (
             "from peft import PeftModel\nfrom transformers import AutoModel\n\n"

@@ -270,7 +270,8 @@ def validate(
     from hubmerge.recipe import load_recipe
     from hubmerge.sources import check_compatible, open_source
 
-    parsed = with_base(load_recipe(recipe))
+    written = load_recipe(recipe)
+    parsed = with_base(written)
     located = locate_sources(parsed)
     local: dict[str, Checkpoint] = {}
     try:
@@ -290,7 +291,8 @@ def validate(
     finally:
         for ckpt in local.values():
             ckpt.close()
-    print_validation(_console(), recipe, parsed, located, {spec: len(c.infos) for spec, c in local.items()})
+    tensors = {spec: len(c.infos) for spec, c in local.items()}
+    print_validation(_console(), recipe, parsed, located, tensors, base_from_adapters=written.base is None)
 
 
 @command()

@@ -259,8 +259,10 @@ def print_validation(
     recipe: Recipe,
     located: dict[str, Path | HubSource],
     tensors: dict[str, int],
+    base_from_adapters: bool = False,
 ) -> None:
     """`hubmerge validate`: where each source is, and the verdict; `tensors` counts those of local sources."""
+    from hubmerge.hub import ADAPTER_CONFIG
     table = Table()
     for column in ("role", "name", "source", "resolved to"):
         table.add_column(column)
@@ -271,6 +273,8 @@ def print_validation(
         where = located[spec]
         if isinstance(where, Path):
             kind = "directory" if where.is_dir() else "file"
+            if (where / ADAPTER_CONFIG).is_file():
+                kind = "PEFT adapter"
             table.add_row(role, name, spec, f"local {kind}, {tensors[spec]} tensors")
         else:
             table.add_row(role, name, spec, f"{where.repo_id} @ {where.sha}")
@@ -280,6 +284,8 @@ def print_validation(
         if recipe.base in tensors
         else "the base is on the Hub: `hubmerge run` checks the shapes once it is downloaded"
     )
+    if base_from_adapters:
+        checked += f"; the base is the one the adapters' config names, {recipe.base}"
     console.print(
         f"{path}: OK ({recipe.method}, {len(recipe.sources)} models; {checked})",
         highlight=False,

@@ -193,6 +193,31 @@ def test_lora_forced_kind_adapter(bert_base: Path, tmp_path: Path) -> None:
     assert_bit_identical(weights(tmp_path / "out"), merged)
 
 
+def test_pickled_adapter_through_the_weights_only_loader(bert_base: Path, tmp_path: Path) -> None:
+    """adapter_model.bin (safe_serialization=False) reads through torch.load(weights_only=True), like a .bin
+    checkpoint; a pickle that would run code is refused."""
+    torch.manual_seed(4)
+    model = get_peft_model(BertModel.from_pretrained(bert_base), LoraConfig(r=2, target_modules=["value"]))
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if ".lora_" in name:
+                param.normal_(0.0, 0.1)
+    model.save_pretrained(tmp_path / "a", safe_serialization=False)
+    assert sorted(p.name for p in (tmp_path / "a").glob("adapter_model.*")) == ["adapter_model.bin"]
+    merged = {k: v.detach().clone() for k, v in model.merge_and_unload().state_dict().items()}
+    run(tmp_path / "out", [tmp_path / "a"], base=bert_base)
+    assert_bit_identical(weights(tmp_path / "out"), merged)
+
+    class Payload:
+        def __reduce__(self) -> tuple[Any, tuple[str]]:
+            return (print, ("ran",))
+
+    torch.save({"x": Payload()}, tmp_path / "a" / "adapter_model.bin")
+    with pytest.raises(SourceError, match="refusing to load: it needs unsafe unpickling") as err:
+        run(tmp_path / "bad", [tmp_path / "a"], base=bert_base)
+    assert "\n" not in one_line(err)
+
+
 @BLOCKS
 def test_gpt2_conv1d_fan_in_fan_out(tmp_path: Path, block: int) -> None:
     """GPT-2's Conv1D stores W as [in, out]: PEFT's fan_in_fan_out transposes B @ A."""
