@@ -23,6 +23,7 @@ from transformers import BertForSequenceClassification, BertModel, GPT2Config, G
 
 from hubmerge import CompressedMerge, parse_recipe, run_recipe
 from hubmerge.errors import RecipeError, SourceError
+from hubmerge.recipe import load_recipe
 from hubmerge.run import RunResult
 from tests.hubserver import HubServer
 from tests.reference_impl import reference_outputs
@@ -571,6 +572,13 @@ def test_peft_output_of_one_adapter_at_full_rank(
     assert result.record["adapter"]["peft_type"] == "LORA" and result.record["adapter"]["rank"] == 4
     assert json.loads((out / "hubmerge.json").read_text())["adapter"] == result.record["adapter"]
     assert "library_name: peft" in (out / "README.md").read_text()
+    # the pinned recipe rebuilds the same adapter, not a merged model
+    again = run_recipe(load_recipe(out / "hubmerge_recipe.yaml"), output=tmp_path / "again")
+    assert again.record["adapter"] == result.record["adapter"]
+    assert (
+        weights(tmp_path / "again", "adapter_model.safetensors").keys()
+        == weights(out, "adapter_model.safetensors").keys()
+    )
     for key, tensor in state.items():
         torch.testing.assert_close(tensor, merged[key], rtol=0, atol=1e-5)
     peft_out = hidden(loaded_as_peft(out, bert_base))
