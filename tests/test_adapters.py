@@ -19,7 +19,14 @@ import torch
 from huggingface_hub import HfApi
 from peft import IA3Config, LoHaConfig, LoraConfig, PeftModel, get_peft_model
 from safetensors.torch import load_file, save_file
-from transformers import BertForSequenceClassification, BertModel, GPT2Config, GPT2Model
+from transformers import (
+    BertForSequenceClassification,
+    BertModel,
+    GPT2Config,
+    GPT2Model,
+    LlamaConfig,
+    LlamaForCausalLM,
+)
 
 from hubmerge import CompressedMerge, parse_recipe, run_recipe
 from hubmerge.errors import RecipeError, SourceError
@@ -27,6 +34,7 @@ from hubmerge.recipe import load_recipe
 from hubmerge.run import RunResult
 from tests.hubserver import HubServer
 from tests.reference_impl import reference_outputs
+from tests.test_evaluation_causal_lm import MAX_LENGTH, TEXTS, direct_perplexity, llama_tokenizer, write_jsonl
 from tests.tiny_models import bert_config, perturb_
 
 TARGETS = ["query", "value", "dense"]
@@ -798,3 +806,49 @@ def test_ia3_mixed_with_other_models(
             run(tmp_path / "out", [three_ia3[0][0], other], base=bert_base)
         message = one_line(err)
         assert f"model {other.name!r} is not an (IA)³ adapter" in message
+
+
+# -- a Llama-style decoder: every projection adapted, scored with the causal_lm head ------------------------
+
+
+def test_llama_loras_merge_and_score_with_the_causal_lm_head(tmp_path: Path) -> None:
+    """LoRA on every attention and MLP projection of a tiny Llama: one adapter at α = 1 is PEFT's merged
+    model bit for bit, and the fine-tuned row of a perplexity evaluation is that model's perplexity."""
+    tokenizer = llama_tokenizer()
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=32,
+        intermediate_size=48,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+        bos_token_id=1,
+        eos_token_id=2,
+        pad_token_id=0,
+    )
+    torch.manual_seed(0)
+    base = save_base(LlamaForCausalLM(config), tmp_path / "base")
+    tokenizer.save_pretrained(base)
+    projections = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    merged = [
+        make_lora(base, tmp_path / f"t{i}", 10 + i, LlamaForCausalLM, r=4, target_modules=projections)
+        for i in range(2)
+    ]
+    run(tmp_path / "one", [tmp_path / "t0"], base=base)
+    assert_bit_identical(weights(tmp_path / "one"), merged[0])
+    assert len(changed(weights(base), merged[0])) == 2 * len(projections)
+
+    data = write_jsonl(tmp_path / "texts.jsonl", [{"text": t} for t in TEXTS])
+    task = {"data_files": {"validation": str(data), "test": str(data)}, "max_length": MAX_LENGTH}
+    result = run(
+        tmp_path / "scored",
+        [tmp_path / "t0", tmp_path / "t1"],
+        evaluation={"head": "causal_lm", "metric": "perplexity", "tasks": {"t0": task, "t1": task}},
+    )
+    rows = result.record["evaluation"]["rows"]
+    for i, name in enumerate(("t0", "t1")):
+        model = LlamaForCausalLM(config).eval()
+        model.load_state_dict(merged[i])
+        expected = direct_perplexity(model, tokenizer, TEXTS)
+        assert rows["fine-tuned"]["accuracy"][name] == pytest.approx(expected, rel=1e-5)
