@@ -28,7 +28,7 @@ import torch
 
 from hubmerge.errors import RecipeError, SourceError
 from hubmerge.hub import ADAPTER_CONFIG
-from hubmerge.sources import Checkpoint, TensorInfo
+from hubmerge.sources import Checkpoint, Rows, TensorInfo
 
 if TYPE_CHECKING:
     from hubmerge.recipe import Recipe
@@ -53,7 +53,8 @@ UNSUPPORTED_LORA_OPTIONS = {
     "monteclora_config": "MonteCLoRA (monteclora_config)",
     "velora_config": "VeLoRA (velora_config)",
 }
-Rows = tuple[int, int] | None
+# Initialisations after which PEFT rewrites the base weight (W − B0·A0, or a quantised W) when loading.
+BASE_CHANGING_INITS = ("pissa", "olora", "corda", "loftq", "lora_ga", "lora-ga")
 LORA_SUFFIXES = {
     ".lora_A.weight": "A",
     ".lora_B.weight": "B",
@@ -67,7 +68,6 @@ LORA_SUFFIXES = {
 class AdapterConfig:
     """What hubmerge needs of an `adapter_config.json`."""
 
-    path: Path
     peft_type: str
     raw: dict[str, Any]
 
@@ -87,6 +87,13 @@ class AdapterConfig:
 
 def is_adapter_directory(path: Path) -> bool:
     return path.is_dir() and (path / ADAPTER_CONFIG).is_file()
+
+
+def is_adapter(ckpt: Checkpoint, kind: str | None) -> bool:
+    """Whether an opened source is a PEFT adapter: as the recipe's `kind` says, else from its files."""
+    if kind is not None:
+        return kind == "adapter"
+    return ckpt.directory is not None and is_adapter_directory(ckpt.directory)
 
 
 def read_adapter_config(directory: Path, name: str, require_weights: bool = True) -> AdapterConfig:
@@ -116,13 +123,22 @@ def read_adapter_config(directory: Path, name: str, require_weights: bool = True
         for option, what in UNSUPPORTED_LORA_OPTIONS.items():
             if raw.get(option):
                 raise SourceError(f"{name}: not supported: {what}", path=path)
+        init = raw.get("init_lora_weights")
+        if raw.get("loftq_config") or (
+            isinstance(init, str) and init.lower().startswith(BASE_CHANGING_INITS)
+        ):
+            raise SourceError(
+                f"{name}: not supported: LoRA initialised with {init!r}, which changes the base weights too "
+                "(convert it to plain LoRA with PEFT's save_pretrained(path_initial_model_for_weight_conversion=...))",
+                path=path,
+            )
     if require_weights and not any((directory / f).is_file() for f in ADAPTER_WEIGHTS):
         raise SourceError(
             f"{name}: adapter weights missing: {directory} has {ADAPTER_CONFIG} but no "
             f"{' or '.join(ADAPTER_WEIGHTS)}",
             path=directory,
         )
-    return AdapterConfig(path=path, peft_type=peft_type, raw=raw)
+    return AdapterConfig(peft_type=peft_type, raw=raw)
 
 
 def module_key(adapter_key: str) -> str:
@@ -135,10 +151,11 @@ class LoraModule:
     """One LoRA-adapted module: ΔW = transpose(B @ A, transposed) · scaling."""
 
     a_key: str
-    b_key: str | None
+    b_key: str
     scaling: float
     transposed: bool
-    bias_key: str | None = None  # lora_bias: the bias gains lora_B.bias · scaling
+    embedding: bool  # saved as lora_embedding_A/B (PEFT's Embedding layer)
+    bias_key: str | None = None  # lora_bias: the module's bias gains lora_B.bias · scaling
 
 
 @dataclass
@@ -147,11 +164,9 @@ class LoraLayout:
 
     modules: dict[str, LoraModule] = field(default_factory=dict)  # base weight key → its LoRA
     biases: dict[str, LoraModule] = field(default_factory=dict)  # base bias key → the LoRA with lora_bias
-    replaced: dict[str, str] = field(default_factory=dict)  # base (or own) key → adapter key, saved whole
-
-    @property
-    def changed(self) -> set[str]:
-        return {*self.modules, *self.biases, *self.replaced}
+    # base (or own) key → adapter key of a tensor saved whole: modules_to_save, trained biases, and the base
+    # weight of an adapted embedding layer (PEFT saves those whole, and loads ΔW on top of the saved weight)
+    replaced: dict[str, str] = field(default_factory=dict)
 
 
 def _pattern_value(patterns: Any, module: str, default: Any) -> Any:
@@ -163,20 +178,57 @@ def _pattern_value(patterns: Any, module: str, default: Any) -> Any:
     return patterns.get(get_pattern_key(list(patterns), module), default)
 
 
-def _key_mapping(modules: list[str], base_keys: set[str]) -> tuple[str, str] | None:
-    """(prefix to remove, prefix to add) that puts every adapted module's weight among the base's keys.
+def _key_mappings(
+    updates: dict[str, tuple[int, int]], base_infos: dict[str, TensorInfo]
+) -> list[tuple[str, str]]:
+    """Every (prefix to remove, prefix to add) that puts each adapted module's weight among the base's keys,
+    with the shape of its update.
 
     An adapter made on `BertForSequenceClassification` names `bert.encoder...`, a `BertModel` checkpoint
     `encoder...` (and the other way round).
     """
-    firsts = sorted({k.split(".", 1)[0] + "." for k in base_keys if "." in k})
+    modules = sorted(updates)
+    firsts = sorted({k.split(".", 1)[0] + "." for k in base_infos if "." in k})
     candidates = [("", "")]
     candidates += [(m.split(".", 1)[0] + ".", "") for m in modules[:1] if "." in m]
     candidates += [("", prefix) for prefix in firsts]
-    for remove, add in candidates:
-        if all(add + m.removeprefix(remove) + ".weight" in base_keys for m in modules):
-            return remove, add
-    return None
+    return [
+        (remove, add)
+        for remove, add in dict.fromkeys(candidates)
+        if all(
+            (info := base_infos.get(add + m.removeprefix(remove) + ".weight")) is not None
+            and info.shape == updates[m]
+            for m in modules
+        )
+    ]
+
+
+def _update_shape(name: str, module: str, a: TensorInfo, b: TensorInfo, transposed: bool) -> tuple[int, int]:
+    """The shape of a module's ΔW as the base stores it."""
+    if len(a.shape) != 2 or len(b.shape) != 2:
+        raise SourceError(f"{name}: not supported: LoRA on a convolution ({module})", name)
+    if b.shape[1] != a.shape[0]:
+        raise SourceError(
+            f"{name}: module {module}: lora_A is {list(a.shape)} and lora_B {list(b.shape)}", name
+        )
+    return (a.shape[1], b.shape[0]) if transposed else (b.shape[0], a.shape[1])
+
+
+def _no_mapping_error(
+    name: str, updates: dict[str, tuple[int, int]], base_infos: dict[str, TensorInfo]
+) -> str:
+    """Why no prefix mapping puts the adapter on this base: a missing weight or a shape."""
+    for module, shape in sorted(updates.items()):
+        info = base_infos.get(module + ".weight")
+        if info is None:
+            return (
+                f"adapted module {module} has no weight {module}.weight in the base (nor under another model "
+                "prefix): is it an adapter of this base?"
+            )
+        if info.shape != shape:
+            hint = "" if shape[::-1] != info.shape else " (a Conv1D layer needs fan_in_fan_out: true)"
+            return f"module {module}: its LoRA gives a {list(shape)} update, the base's is {list(info.shape)}{hint}"
+    return "its modules match the base under no single model prefix"
 
 
 def lora_layout(
@@ -197,74 +249,71 @@ def lora_layout(
         inner = module_key(key)
         if "lora_magnitude_vector" in inner:
             raise SourceError(f"{name}: not supported: DoRA (tensor {key})", name)
+        if ".original_module." in inner or ".modules_to_save." in inner:
+            continue  # PEFT's wrapper copies of a module it also saves under the module's own name
         for suffix, part in LORA_SUFFIXES.items():
             if inner.endswith(suffix):
                 parts.setdefault(inner[: -len(suffix)], {})[part] = key
                 break
         else:
             whole.append(key)
-    modules = sorted(parts)
-    mapping = _key_mapping(modules, set(base_infos))
-    if mapping is None:
-        missing = next(m for m in modules if m + ".weight" not in base_infos)
-        raise SourceError(
-            f"{name}: adapted module {missing} has no weight {missing}.weight in the base (nor under another "
-            "model prefix): is it an adapter of this base?",
-            name,
+    for module, found in sorted(parts.items()):
+        if "A" not in found or "B" not in found:
+            lacking = "lora_B" if "A" in found else "lora_A"
+            raise SourceError(f"{name}: adapter weights missing: {lacking} of module {module}", name)
+    embedding = {m: found["A"].endswith("lora_embedding_A") for m, found in parts.items()}
+    transposed = {m: embedding[m] or bool(raw.get("fan_in_fan_out")) for m in parts}
+    updates = {
+        m: _update_shape(name, m, adapter_infos[f["A"]], adapter_infos[f["B"]], transposed[m])
+        for m, f in parts.items()
+    }
+    mappings = _key_mappings(updates, base_infos)
+    if not mappings:
+        raise SourceError(f"{name}: {_no_mapping_error(name, updates, base_infos)}", name)
+    if len(mappings) > 1:
+        shown = " and ".join(
+            f"'{add}{next(iter(sorted(updates))).removeprefix(remove)}'" for remove, add in mappings
         )
-    remove, add = mapping
+        raise SourceError(
+            f"{name}: ambiguous: its modules fit the base as {shown}; merge one part with `include:`", name
+        )
+    remove, add = mappings[0]
 
     def base_key(inner: str) -> str:
         return add + inner.removeprefix(remove)
 
     layout = LoraLayout()
-    for module in modules:
-        found = parts[module]
-        if "A" not in found or "B" not in found:
-            lacking = "lora_B" if "A" in found else "lora_A"
-            raise SourceError(f"{name}: adapter weights missing: {lacking} of module {module}", name)
-        a_info, b_info = adapter_infos[found["A"]], adapter_infos[found["B"]]
-        if len(a_info.shape) != 2 or len(b_info.shape) != 2:
-            raise SourceError(f"{name}: not supported: LoRA on a convolution ({module})", name)
-        rank = _pattern_value(raw.get("rank_pattern"), module, raw.get("r"))
-        alpha = _pattern_value(raw.get("alpha_pattern"), module, raw.get("lora_alpha"))
-        if rank != a_info.shape[0] or b_info.shape[1] != a_info.shape[0]:
+    for module, found in sorted(parts.items()):
+        # PEFT's defaults (LoraConfig) where a config leaves them out
+        rank = _pattern_value(raw.get("rank_pattern"), module, raw.get("r", 8))
+        alpha = _pattern_value(raw.get("alpha_pattern"), module, raw.get("lora_alpha", 8))
+        if rank != adapter_infos[found["A"]].shape[0]:
             raise SourceError(
-                f"{name}: module {module}: the config gives rank {rank}, but lora_A is {list(a_info.shape)} "
-                f"and lora_B {list(b_info.shape)}",
+                f"{name}: module {module}: the config gives rank {rank}, but lora_A is "
+                f"{list(adapter_infos[found['A']].shape)}",
                 name,
             )
         scaling = alpha / math.sqrt(rank) if raw.get("use_rslora") else alpha / rank
-        embedding = found["A"].endswith("lora_embedding_A")
-        transposed = embedding or bool(raw.get("fan_in_fan_out"))
-        weight = base_key(module) + ".weight"
-        expected = (b_info.shape[0], a_info.shape[1])
-        if transposed:
-            expected = expected[::-1]
-        if base_infos[weight].shape != expected:
-            raise SourceError(
-                f"{name}: module {module}: its LoRA gives a {list(expected)} update, the base's {weight} is "
-                f"{list(base_infos[weight].shape)}"
-                + ("" if transposed else " (a Conv1D layer needs fan_in_fan_out: true)"),
-                name,
-            )
-        lora = LoraModule(found["A"], found["B"], scaling, transposed, found.get("bias"))
-        layout.modules[weight] = lora
+        lora = LoraModule(
+            found["A"], found["B"], scaling, transposed[module], embedding[module], found.get("bias")
+        )
+        layout.modules[base_key(module) + ".weight"] = lora
         if lora.bias_key is not None:
-            layout.biases[base_key(module) + ".bias"] = lora
+            bias = base_key(module) + ".bias"
+            if bias not in base_infos:
+                raise SourceError(f"{name}: module {module} has lora_bias, but the base has no {bias}", name)
+            layout.biases[bias] = lora
     for key in whole:
-        # `base_layer.` names the biases of adapted modules (bias: lora_only or all)
+        # `base_layer.` names what PEFT saves of an adapted module itself (its bias, an embedding's weight)
         inner = module_key(key).replace(".base_layer.", ".")
         mapped = base_key(inner) if base_key(inner) in base_infos else inner
-        if mapped in layout.biases:
-            raise SourceError(f"{name}: {key} and lora_bias both change {mapped}", name)
         layout.replaced[mapped] = key
     return layout
 
 
 class SharedBasePieces:
     """The last base piece read, shared by a job's LoRA tasks: the engine reads θ0 and every θ_t of one
-    piece in a row, so each task's θ0 + ΔW costs no second read of θ0."""
+    piece in a row, so the T tasks read θ0 once between them (the engine's own read of θ0 is the other)."""
 
     def __init__(self, base: Checkpoint):
         self.base = base
@@ -284,10 +333,10 @@ class LoraTask(Checkpoint):
     def __init__(self, adapter: Checkpoint, config: AdapterConfig, base: SharedBasePieces):
         layout = lora_layout(adapter.name, config, adapter.infos, base.base.infos)
         infos = dict(base.base.infos)
-        for key in (*layout.modules, *layout.biases):
-            infos[key] = TensorInfo(infos[key].shape, torch.float32)
         for key, stored in layout.replaced.items():
             infos[key] = adapter.infos[stored]
+        for key in (*layout.modules, *layout.biases):
+            infos[key] = TensorInfo(infos[key].shape, torch.float32)
         super().__init__(
             provenance=adapter.provenance,
             root=adapter.root,
@@ -300,24 +349,30 @@ class LoraTask(Checkpoint):
         self.layout = layout
         self.shared_base = base
 
+    @property
+    def stored_bytes(self) -> int:
+        """What the task takes on disk: its adapter file, not the model it stands for."""
+        return self.adapter.weight_bytes
+
     def read(self, key: str, rows: Rows = None, pin_memory: bool = False) -> torch.Tensor:
         layout = self.layout
-        if key in layout.replaced:
-            return self.adapter.read(layout.replaced[key], rows, pin_memory)
-        if key in layout.modules:
-            return self.shared_base.read(key, rows).float() + self._delta(layout.modules[key], rows)
-        if key in layout.biases:
+        saved = layout.replaced.get(key)
+        if key in layout.modules or key in layout.biases:
+            start = self.adapter.read(saved, rows) if saved else self.shared_base.read(key, rows)
+            if key in layout.modules:
+                return start.float() + self._delta(layout.modules[key], rows)
             lora = layout.biases[key]
             assert lora.bias_key is not None
             bias = self.adapter.read(lora.bias_key).float()
             bias = bias if rows is None else bias[rows[0] : rows[1]]
-            return self.shared_base.read(key, rows).float() + bias * lora.scaling
-        return self.shared_base.base.read(key, rows, pin_memory)
+            return start.float() + bias * lora.scaling
+        if saved is not None:
+            return self.adapter.read(saved, rows, pin_memory)
+        return self.shared_base.read(key, rows)  # untouched: θ_t = θ0, one read shared by the tasks
 
     def _delta(self, lora: LoraModule, rows: Rows) -> torch.Tensor:
         """Rows [start, stop) of transpose(B @ A) · scaling, each entry the dot product PEFT forms."""
         a = self.adapter.read(lora.a_key).float()
-        assert lora.b_key is not None
         if lora.transposed:
             b = self.adapter.read(lora.b_key).float()
             a = a if rows is None else a[:, rows[0] : rows[1]]
@@ -410,14 +465,10 @@ def task_models(recipe: Recipe, opened: dict[str, Checkpoint], base: Checkpoint)
         if entry.source not in opened:
             continue
         ckpt = opened[entry.source]
-        directory = ckpt.directory
-        adapter = entry.kind == "adapter" or (
-            entry.kind is None and directory is not None and is_adapter_directory(directory)
-        )
-        if not adapter:
+        if not is_adapter(ckpt, entry.kind):
             models[name] = ckpt
             continue
-        config = read_adapter_config(directory or ckpt.root, entry.source)
+        config = read_adapter_config(ckpt.directory or ckpt.root, entry.source)
         if config.peft_type != "LORA":
             raise SourceError(
                 f"model {name!r}: {config.peft_type} adapters are merged in adapter space, not onto a base "

@@ -198,7 +198,10 @@ def build_card(
     else:
         library = "transformers" if record.has_config else None
     # an adapter is used on its base, which is what the Hub links it to
-    base_model = [record.base.location] if adapter is not None and record.base.revision else hub_ids(record)
+    if adapter is None:
+        base_model = hub_ids(record)
+    else:  # an adapter is used on its base alone
+        base_model = [record.base.location] if record.base.revision else []
     data = ModelCardData(
         base_model=base_model or None,
         library_name=library,
@@ -257,9 +260,11 @@ def build_card(
         else:
             summary += "."
         base_id = record.base.location if record.base.revision else "<the base model>"
+        # the class the base was saved from: the adapter's module names are that class's
+        model_class = adapter.model_class or "AutoModel"
         usage = (
-            "from peft import PeftModel\nfrom transformers import AutoModel\n\n"
-            f'base = AutoModel.from_pretrained("{base_id}")\n'
+            f"from peft import PeftModel\nfrom transformers import {model_class}\n\n"
+            f'base = {model_class}.from_pretrained("{base_id}")\n'
             f'model = PeftModel.from_pretrained(base, "{where}")'
         )
     else:

@@ -265,6 +265,7 @@ def validate(
     """
     from hubmerge.adapters import task_models, with_base
     from hubmerge.display import print_validation
+    from hubmerge.ia3 import ia3_configs
     from hubmerge.methods import METHODS
     from hubmerge.planning import locate_sources
     from hubmerge.recipe import load_recipe
@@ -278,7 +279,14 @@ def validate(
         for spec, where in located.items():
             if isinstance(where, Path):
                 local[spec] = open_source(spec, where)  # a local source: its headers only
-        if parsed.base in local:
+        entries = [
+            (n, e) for n, e in zip(parsed.task_names, parsed.entries, strict=True) if e.source in local
+        ]
+        ia3 = ia3_configs(
+            [n for n, _ in entries], [local[e.source] for _, e in entries], [e.kind for _, e in entries]
+        )
+        # (IA)³ vectors are merged in their own space: ia3_configs checked they fit one another
+        if ia3 is None and parsed.base in local:
             models = task_models(parsed, local, local[parsed.base])
             compressed = METHODS[parsed.method].result == "compressed"
             check_compatible(

@@ -263,6 +263,7 @@ def print_validation(
 ) -> None:
     """`hubmerge validate`: where each source is, and the verdict; `tensors` counts those of local sources."""
     from hubmerge.hub import ADAPTER_CONFIG
+
     table = Table()
     for column in ("role", "name", "source", "resolved to"):
         table.add_column(column)

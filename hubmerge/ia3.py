@@ -17,15 +17,15 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from hubmerge.adapters import ADAPTER_CONFIG, AdapterConfig, is_adapter_directory, read_adapter_config
+from hubmerge.adapters import ADAPTER_CONFIG, AdapterConfig, is_adapter, read_adapter_config
 from hubmerge.errors import SourceError
-from hubmerge.sources import Checkpoint, Provenance, TensorInfo
+from hubmerge.sources import Checkpoint, Provenance, Rows, TensorInfo
 
 if TYPE_CHECKING:
     from hubmerge.record import RunRecord
 
 ADAPTER_STEM = "adapter_model"
-Rows = tuple[int, int] | None
+IA3_SUFFIX = ".ia3_l"
 
 
 class Ia3Base(Checkpoint):
@@ -52,14 +52,14 @@ class Ia3Base(Checkpoint):
         return torch.ones(shape, dtype=info.dtype)
 
 
-def ia3_configs(names: list[str], models: list[Checkpoint]) -> list[AdapterConfig] | None:
+def ia3_configs(
+    names: list[str], models: list[Checkpoint], kinds: list[str | None]
+) -> list[AdapterConfig] | None:
     """The adapter configs when the models are (IA)³ adapters (None when none is); raises when only some
-    are, or when they adapt different modules."""
+    are, when they adapt different modules, or when they save other tensors than their vectors."""
     configs = [
-        read_adapter_config(m.directory, m.name)
-        if m.directory is not None and is_adapter_directory(m.directory)
-        else None
-        for m in models
+        read_adapter_config(m.directory or m.root, m.name) if is_adapter(m, kind) else None
+        for m, kind in zip(models, kinds, strict=True)
     ]
     ia3 = [c is not None and c.peft_type == "IA3" for c in configs]
     if not any(ia3):
@@ -72,8 +72,15 @@ def ia3_configs(names: list[str], models: list[Checkpoint]) -> list[AdapterConfi
             other,
         )
     first = models[0]
-    for name, model, config in zip(names, models, configs, strict=True):
-        assert config is not None
+    for name, model in zip(names, models, strict=True):
+        other = sorted(k for k in model.infos if not k.endswith(IA3_SUFFIX))
+        if other:
+            # θ0 of a saved head is the base model's, which a merge in adapter space does not read
+            raise SourceError(
+                f"model {name!r}: not supported: (IA)³ adapters that save other tensors than their vectors "
+                f"({other[0]}{f' and {len(other) - 1} more' if len(other) > 1 else ''}: modules_to_save)",
+                model.name,
+            )
         if model.infos.keys() != first.infos.keys() or any(
             model.infos[k].shape != first.infos[k].shape for k in first.infos
         ):
@@ -93,14 +100,12 @@ def ia3_base(provenance: Provenance, first: Checkpoint) -> Ia3Base:
     return Ia3Base(provenance, {k: TensorInfo(info.shape, torch.float32) for k, info in first.infos.items()})
 
 
-def write_ia3_config(directory: Path, model: Checkpoint, base: str) -> dict[str, str]:
-    """The merged adapter's config, the first adapter's pointed at the recipe's base; returns what the run
-    record says of the adapter."""
-    assert model.directory is not None
-    raw = dict(read_adapter_config(model.directory, model.name).raw)
-    name, _, revision = base.partition("@")
-    raw["base_model_name_or_path"] = name
-    raw["revision"] = revision or None
+def write_ia3_config(directory: Path, model: Checkpoint, base: Provenance) -> dict[str, str]:
+    """The merged adapter's config, the first adapter's pointed at the base (a Hub base at the commit the run
+    pinned, a local one as the recipe names it); returns what the run record says of the adapter."""
+    raw = dict(read_adapter_config(model.directory or model.root, model.name).raw)
+    raw["base_model_name_or_path"] = base.location if base.revision else base.source
+    raw["revision"] = base.revision
     raw["inference_mode"] = True
     (directory / ADAPTER_CONFIG).write_text(json.dumps(raw, indent=2, sort_keys=True) + "\n")
     return {"peft_type": "IA3"}

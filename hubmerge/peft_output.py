@@ -10,13 +10,15 @@ whole, as PEFT saves them. Every other tensor has τ_t = 0 for every task, so it
 from __future__ import annotations
 
 import hashlib
+import json
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
 from safetensors.torch import load_file, save_file
 
-from hubmerge.adapters import LoraTask, module_key
+from hubmerge.adapters import PEFT_PREFIX, LoraTask
 from hubmerge.errors import RecipeError
 
 if TYPE_CHECKING:
@@ -56,18 +58,34 @@ def lora_tasks(job: MergeJob) -> list[LoraTask]:
     return tasks
 
 
-def adapted_modules(tasks: list[LoraTask]) -> tuple[dict[str, tuple[str, str, bool]], dict[str, str]]:
-    """({base key: (lora_A key, lora_B key, transposed)}, {base key: saved key}) of the merged adapter: each
-    module under its names in the first adapter that adapts it, each tensor saved whole likewise."""
-    adapted: dict[str, tuple[str, str, bool]] = {}
-    whole: dict[str, str] = {}
+@dataclass(frozen=True)
+class AdaptedModule:
+    """A module of the merged adapter, named as the base's module (what base_model_name_or_path loads)."""
+
+    module: str  # the base key without `.weight`
+    transposed: bool
+    embedding: bool
+
+    @property
+    def a_key(self) -> str:
+        return PEFT_PREFIX + self.module + (".lora_embedding_A" if self.embedding else ".lora_A.weight")
+
+    @property
+    def b_key(self) -> str:
+        return PEFT_PREFIX + self.module + (".lora_embedding_B" if self.embedding else ".lora_B.weight")
+
+
+def adapted_modules(tasks: list[LoraTask]) -> tuple[dict[str, AdaptedModule], list[str]]:
+    """({base weight key: its module in the merged adapter}, the base keys saved whole: modules_to_save)."""
+    adapted: dict[str, AdaptedModule] = {}
+    whole: set[str] = set()
     for task in tasks:
         for key, lora in task.layout.modules.items():
-            assert lora.b_key is not None
-            adapted.setdefault(key, (lora.a_key, lora.b_key, lora.transposed))
-        for key, stored in task.layout.replaced.items():
-            whole.setdefault(key, stored)
-    return adapted, whole
+            adapted.setdefault(
+                key, AdaptedModule(key.removesuffix(".weight"), lora.transposed, lora.embedding)
+            )
+        whole.update(task.layout.replaced)
+    return adapted, sorted(whole - set(adapted))
 
 
 def adapter_overlay(job: MergeJob, directory: Path, base: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -76,13 +94,13 @@ def adapter_overlay(job: MergeJob, directory: Path, base: dict[str, torch.Tensor
     adapted, whole = adapted_modules(lora_tasks(job))
     tensors = load_file(directory / ADAPTER_FILE)
     weights = dict(base)
-    for key, (a_key, b_key, transposed) in adapted.items():
-        if key in weights and a_key in tensors:
-            update = tensors[b_key].float() @ tensors[a_key].float()
-            weights[key] = base[key] + (update.T if transposed else update).to(base[key].device)
-    for key, stored in whole.items():
-        if key in weights and stored in tensors:
-            weights[key] = tensors[stored].float().to(base[key].device)
+    for key, module in adapted.items():
+        if key in weights and module.a_key in tensors:
+            update = tensors[module.b_key].float() @ tensors[module.a_key].float()
+            weights[key] = base[key] + (update.T if module.transposed else update).to(base[key].device)
+    for key in whole:
+        if key in weights and PEFT_PREFIX + key in tensors:
+            weights[key] = tensors[PEFT_PREFIX + key].float().to(base[key].device)
     return weights
 
 
@@ -120,22 +138,20 @@ class PeftSink:
         rank = job.recipe.lora_rank
         assert rank is not None
         adapted, whole = adapted_modules(tasks)
-        keys = sorted(k for k in {*adapted, *whole} if k in set(job.merge_keys))
+        merged = set(job.merge_keys)
+        keys = sorted(k for k in (*adapted, *whole) if k in merged)
         tensors: dict[str, torch.Tensor] = {}
 
         def output_pass(description: str) -> None:
             for key, rows, base, thetas in stream.read_ahead(stream.pieces(description, keys, whole=True)):
                 update = engine.vector_piece(key, rows, base, thetas).reshape(job.base.infos[key].shape)
-                if key in whole:
-                    tensors[whole[key]] = (base.float().reshape(update.shape) + update).cpu()
+                if key not in adapted:  # saved whole, as PEFT saves modules_to_save
+                    tensors[PEFT_PREFIX + key] = (base.float().reshape(update.shape) + update).cpu()
                     continue
-                a_key, b_key, transposed = adapted[key]
-                a, b, kept = factor(update.T if transposed else update, rank)
-                tensors[a_key], tensors[b_key] = a.cpu(), b.cpu()
-                self.modules[module_key(a_key).rsplit(".lora_", 1)[0]] = {
-                    "rank": a.shape[0],
-                    "energy": round(kept, 6),
-                }
+                module = adapted[key]
+                a, b, kept = factor(update.T if module.transposed else update, rank)
+                tensors[module.a_key], tensors[module.b_key] = a.cpu(), b.cpu()
+                self.modules[module.module] = {"rank": a.shape[0], "energy": round(kept, 6)}
 
         output_pass("merge and factor")
         if engine.guessed_wrong():
@@ -145,19 +161,17 @@ class PeftSink:
         if out_dtype is not None:
             tensors = {k: v.to(out_dtype) for k, v in tensors.items()}
         save_file(tensors, directory / ADAPTER_FILE, metadata={"format": "pt"})
-        self._write_config(directory, tasks, rank, whole)
+        self._write_config(directory, tasks, rank)
         engine.digests = {ADAPTER_FILE: hashlib.sha256((directory / ADAPTER_FILE).read_bytes()).hexdigest()}
         return [ADAPTER_FILE]
 
-    def _write_config(self, directory: Path, tasks: list[LoraTask], rank: int, whole: dict[str, str]) -> None:
+    def _write_config(self, directory: Path, tasks: list[LoraTask], rank: int) -> None:
         from peft import LoraConfig
 
-        recipe = self.engine.job.recipe
-        assert recipe.base is not None
+        base = self.engine.job.base.provenance
         low = {module: info["rank"] for module, info in self.modules.items() if info["rank"] != rank}
-        saved = sorted({module_key(stored).rsplit(".", 1)[0] for stored in whole.values()})
+        saved = sorted({m for t in tasks for m in t.config.raw.get("modules_to_save") or []})
         first = tasks[0].config.raw
-        base_model, _, revision = recipe.base.partition("@")
         config = LoraConfig(
             r=rank,
             lora_alpha=rank,
@@ -166,8 +180,9 @@ class PeftSink:
             alpha_pattern=dict(low),
             fan_in_fan_out=bool(first.get("fan_in_fan_out")),
             modules_to_save=saved or None,
-            base_model_name_or_path=base_model,
-            revision=revision or None,
+            # a Hub base at the commit the run pinned; a local one as the recipe names it
+            base_model_name_or_path=base.location if base.revision else base.source,
+            revision=base.revision,
             task_type=first.get("task_type"),
             lora_dropout=0.0,
             bias="none",
@@ -175,5 +190,22 @@ class PeftSink:
         config.save_pretrained(str(directory))
 
     def record(self) -> dict[str, Any]:
-        """What hubmerge.json says of the adapter: its type, rank and the energy kept per module."""
-        return {"peft_type": "LORA", "rank": self.engine.job.recipe.lora_rank, "modules": self.modules}
+        """What hubmerge.json says of the adapter: its type, rank, the energy kept per module, and the model
+        class it adapts (the base's `architectures`, for the card's usage snippet)."""
+        record = {"peft_type": "LORA", "rank": self.engine.job.recipe.lora_rank, "modules": self.modules}
+        model_class = base_model_class(self.engine.job.base.directory)
+        if model_class is not None:
+            record["model_class"] = model_class
+        return record
+
+
+def base_model_class(directory: Path | None) -> str | None:
+    """The transformers class a base directory was saved from (config.json `architectures`), if it says."""
+    config = directory / "config.json" if directory is not None else None
+    if config is None or not config.is_file():
+        return None
+    try:
+        architectures = json.loads(config.read_text()).get("architectures")
+    except (json.JSONDecodeError, UnicodeDecodeError, AttributeError):
+        return None
+    return architectures[0] if isinstance(architectures, list) and architectures else None

@@ -28,6 +28,7 @@ from hubmerge.peft_output import lora_tasks
 from hubmerge.recipe import Recipe
 from hubmerge.sources import (
     Checkpoint,
+    Rows,
     SourceError,
     TensorInfo,
     check_compatible,
@@ -47,7 +48,6 @@ MAJORITY_SAMPLE_STRIDE = 16
 # masks 1.2-1.5x the engine time (2^17-2^19 were within noise of each other; docs/benchmarks.md). A GPU
 # computes whole pieces.
 CPU_SPAN_ENTRIES = 1 << 18
-Rows = tuple[int, int] | None
 
 
 @dataclass
@@ -135,37 +135,42 @@ def prepare(
     if lock is not None:
         lock.check({s: where for s, where in located.items() if isinstance(where, HubSource)})
     # the models first: (IA)³ adapters are merged in their own space, without the base's weights
-    opened = {
-        s: open_source(s, located[s], token=token, endpoint=endpoint) for s in dict.fromkeys(recipe.sources)
-    }
-    sources = [opened[s] for s in recipe.sources]
-    if ia3_configs(recipe.task_names, sources) is None:
-        if recipe.base not in opened:
-            opened[recipe.base] = open_source(
-                recipe.base, located[recipe.base], token=token, endpoint=endpoint
-            )
-        base = opened[recipe.base]
-        models = list(task_models(recipe, opened, base).values())
-    else:
-        base, models = ia3_base(provenance(recipe.base, located[recipe.base]), sources[0]), sources
-    check_compatible(
-        base, models, recipe.task_names, recipe.selects, own_tensors=method.result == "compressed"
-    )
-    job = MergeJob(
-        recipe=recipe,
-        origin=origin,
-        spec=spec,
-        parameters=method.resolved_parameters(recipe.parameters, recipe.task_names),
-        base=base,
-        models=models,
-    )
-    if isinstance(base, Ia3Base):
-        if recipe.lora_rank is not None:
-            raise RecipeError(
-                "lora_rank: applies to LoRA adapters; these are (IA)³ adapters", field="lora_rank"
-            )
-    elif recipe.output_format == "peft":
-        lora_tasks(job)  # every model a LoRA adapter that one merged adapter can stand for
+    opened: dict[str, Checkpoint] = {}
+    try:
+        for source in dict.fromkeys(recipe.sources):
+            opened[source] = open_source(source, located[source], token=token, endpoint=endpoint)
+        sources = [opened[s] for s in recipe.sources]
+        if ia3_configs(recipe.task_names, sources, [e.kind for e in recipe.entries]) is None:
+            if recipe.base not in opened:
+                opened[recipe.base] = open_source(
+                    recipe.base, located[recipe.base], token=token, endpoint=endpoint
+                )
+            base = opened[recipe.base]
+            models = list(task_models(recipe, opened, base).values())
+        else:
+            base, models = ia3_base(provenance(recipe.base, located[recipe.base]), sources[0]), sources
+        check_compatible(
+            base, models, recipe.task_names, recipe.selects, own_tensors=method.result == "compressed"
+        )
+        job = MergeJob(
+            recipe=recipe,
+            origin=origin,
+            spec=spec,
+            parameters=method.resolved_parameters(recipe.parameters, recipe.task_names),
+            base=base,
+            models=models,
+        )
+        if isinstance(base, Ia3Base):
+            if recipe.lora_rank is not None:
+                raise RecipeError(
+                    "lora_rank: applies to LoRA adapters; these are (IA)³ adapters", field="lora_rank"
+                )
+        elif recipe.output_format == "peft":
+            lora_tasks(job)  # every model a LoRA adapter that one merged adapter can stand for
+    except BaseException:
+        for ckpt in opened.values():
+            ckpt.close()
+        raise
     return job
 
 

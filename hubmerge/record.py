@@ -202,6 +202,7 @@ class AdapterRecord(_Part):
     peft_type: str
     rank: int | None = None
     modules: dict[str, AdapterModule] = Field(default_factory=dict)
+    model_class: str | None = None  # the transformers class the base was saved from
 
 
 class RunRecord(_Part):

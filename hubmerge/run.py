@@ -152,12 +152,12 @@ def run_recipe(
                     adapter = engine.write_adapter(staging).record()
                 elif job.spec.result == "merged":
                     engine.write_merged(staging, max_shard_size)
-                    if ia3 and group.is_main:  # (IA)³ vectors merged: an (IA)³ adapter
-                        adapter = write_ia3_config(staging, job.models[0], job.recipe.base)
+                    if ia3 and group.is_main:  # without its config PEFT cannot load the merged vectors
+                        adapter = write_ia3_config(staging, job.models[0], job.base.provenance)
                 else:
                     engine.write_artifact(staging, max_shard_size)
                     if ia3 and group.is_main:  # what each rebuilt task needs to load as an adapter
-                        adapter = write_ia3_config(staging, job.models[0], job.recipe.base)
+                        adapter = write_ia3_config(staging, job.models[0], job.base.provenance)
                 if group.is_main:
                     parts = (
                         write_task_parts(job, engine, staging) if job.spec.result == "compressed" else None
@@ -310,8 +310,8 @@ class Scoring:
             update={
                 "base": pinned_source(job.base),
                 "models": [
-                    ModelEntry(source=pinned_source(m), name=n)
-                    for m, n in zip(job.models, job.task_names, strict=True)
+                    ModelEntry(source=pinned_source(m), name=n, kind=e.kind)
+                    for m, n, e in zip(job.models, job.task_names, job.recipe.entries, strict=True)
                 ],
                 "dtype": "float32",
                 # candidates are read back as weights: a merged adapter is made only of the chosen values

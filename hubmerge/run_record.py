@@ -50,7 +50,8 @@ def pinned_recipe(job: MergeJob) -> str:
         "version": 1,
         "base": pinned_source(job.base),
         "models": [
-            {"source": pinned_source(m), "name": n} for m, n in zip(job.models, job.task_names, strict=True)
+            {"source": pinned_source(m), "name": n, **({"kind": e.kind} if e.kind else {})}
+            for m, n, e in zip(job.models, job.task_names, job.recipe.entries, strict=True)
         ],
         "method": job.recipe.method,
         "parameters": job.parameters,
@@ -154,7 +155,7 @@ def artifact_storage(job: MergeJob, kept: list[int] | None, parts: list[dict[str
         private_entries=sum(p["entries"] for p in own),
         private_bytes=sum(p["bytes"] for p in own),
         shared_entries=sum(base[k].numel for k in shared),
-        finetuned_bytes=sum(info.nbytes for model in job.models for info in model.infos.values()),
+        finetuned_bytes=sum(model.stored_bytes for model in job.models),
     )
 
 

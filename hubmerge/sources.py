@@ -50,6 +50,9 @@ SAFETENSORS_DTYPES = {
 }
 
 
+Rows = tuple[int, int] | None  # a row range [start, stop) of a tensor's first dimension; None: all of it
+
+
 @dataclass(frozen=True)
 class TensorInfo:
     shape: tuple[int, ...]
@@ -121,6 +124,11 @@ class Checkpoint:
     @property
     def weight_bytes(self) -> int:
         return sum(f.stat().st_size for f in self.weight_files)
+
+    @property
+    def stored_bytes(self) -> int:
+        """The bytes of its tensors as stored (what a task's fine-tuned copy takes)."""
+        return sum(info.nbytes for info in self.infos.values())
 
     def read(self, key: str, rows: tuple[int, int] | None = None, pin_memory: bool = False) -> torch.Tensor:
         """One tensor, or the row range [start, stop) of its first dimension, as stored (no upcast).

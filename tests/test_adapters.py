@@ -852,3 +852,149 @@ def test_llama_loras_merge_and_score_with_the_causal_lm_head(tmp_path: Path) -> 
         model.load_state_dict(merged[i])
         expected = direct_perplexity(model, tokenizer, TEXTS)
         assert rows["fine-tuned"]["accuracy"][name] == pytest.approx(expected, rel=1e-5)
+
+
+# -- cases from the review: what PEFT saves beside the factors, and adapters of other model classes ---------
+
+
+def tiny_llama(tmp_path: Path) -> Path:
+    config = LlamaConfig(
+        vocab_size=40,
+        hidden_size=32,
+        intermediate_size=48,
+        num_hidden_layers=1,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=32,
+    )
+    torch.manual_seed(0)
+    return save_base(LlamaForCausalLM(config), tmp_path / "llama")
+
+
+def test_lora_on_embed_tokens_keeps_its_update(tmp_path: Path) -> None:
+    """PEFT saves an adapted embedding layer's weight whole (`embed_tokens.base_layer.weight`) beside its
+    factors; the task is that weight plus ΔW, as PEFT loads it, and a merged adapter names it as the base."""
+    base = tiny_llama(tmp_path)
+    merged = make_lora(
+        base, tmp_path / "a", 5, LlamaForCausalLM, r=2, target_modules=["q_proj", "embed_tokens"]
+    )
+    saved = weights(tmp_path / "a", "adapter_model.safetensors")
+    assert "base_model.model.model.embed_tokens.base_layer.weight" in saved
+    run(tmp_path / "out", [tmp_path / "a"], base=base)
+    written = weights(tmp_path / "out")
+    assert not torch.equal(written["model.embed_tokens.weight"], weights(base)["model.embed_tokens.weight"])
+    assert_bit_identical(written, merged)
+
+    run(tmp_path / "peft", [tmp_path / "a"], base=base, output_format="peft", lora_rank=2)
+    config = json.loads((tmp_path / "peft" / "adapter_config.json").read_text())
+    assert config["modules_to_save"] is None
+    model = PeftModel.from_pretrained(LlamaForCausalLM.from_pretrained(base), tmp_path / "peft")
+    state = model.merge_and_unload().state_dict()
+    for key in ("model.embed_tokens.weight", "model.layers.0.self_attn.q_proj.weight"):
+        torch.testing.assert_close(state[key], merged[key], rtol=0, atol=1e-5)
+
+
+def test_merged_adapter_names_modules_as_the_base(bert_base: Path, tmp_path: Path) -> None:
+    """Adapters made on BertModel (`encoder...`) and on BertForSequenceClassification (`bert.encoder...`) of
+    one BertModel base: the merged adapter names every module as the base does, so PEFT applies all of it."""
+    make_lora(bert_base, tmp_path / "a0", 6, r=2, target_modules=["query"])
+    make_lora(bert_base, tmp_path / "a1", 7, BertForSequenceClassification, r=2, target_modules=["value"])
+    keys = weights(tmp_path / "a1", "adapter_model.safetensors")
+    assert any(k.startswith("base_model.model.bert.encoder.") for k in keys)
+    run(tmp_path / "ta", [tmp_path / "a0", tmp_path / "a1"], base=bert_base)
+    run(
+        tmp_path / "out",
+        [tmp_path / "a0", tmp_path / "a1"],
+        base=bert_base,
+        output_format="peft",
+        lora_rank=4,
+    )
+    config = json.loads((tmp_path / "out" / "adapter_config.json").read_text())
+    assert all(m.startswith("encoder.layer.") for m in config["target_modules"])
+    state = PeftModel.from_pretrained(
+        BertModel.from_pretrained(bert_base), tmp_path / "out"
+    ).merge_and_unload()
+    expected = weights(tmp_path / "ta")
+    for key, tensor in state.state_dict().items():
+        torch.testing.assert_close(tensor, expected[key], rtol=0, atol=1e-5)
+
+
+def test_sequence_classification_adapters_with_all_biases(tmp_path: Path) -> None:
+    """task_type SEQ_CLS with bias "all": PEFT also saves its wrapper's copies of the classifier
+    (`classifier.original_module.*`, `classifier.modules_to_save.*`), which are not tensors of the model."""
+    torch.manual_seed(0)
+    base = save_base(BertForSequenceClassification(bert_config(num_labels=3)), tmp_path / "base")
+    merged = make_lora(
+        base,
+        tmp_path / "a",
+        8,
+        BertForSequenceClassification,
+        task_type="SEQ_CLS",
+        r=2,
+        bias="all",
+        target_modules=["query"],
+    )
+    assert any(".original_module." in k for k in weights(tmp_path / "a", "adapter_model.safetensors"))
+    run(tmp_path / "out", [tmp_path / "a"], base=base)
+    assert_bit_identical(weights(tmp_path / "out"), merged)
+    twice = [{"source": tmp_path / "a", "name": "a"}, {"source": tmp_path / "a", "name": "b"}]
+    run(tmp_path / "tall", twice, "tall_masks", base=base)
+    assert not list((tmp_path / "tall").glob("private/*"))  # nothing of the task's is outside the base
+
+
+def test_adapters_that_change_the_base_are_refused(bert_base: Path, tmp_path: Path) -> None:
+    make_lora(bert_base, tmp_path / "a", 9, r=2, target_modules=["query"])
+    config_path = tmp_path / "a" / "adapter_config.json"
+    for init in ("pissa", "pissa_niter_4", "olora", "corda", "loftq"):
+        config = json.loads(config_path.read_text())
+        config_path.write_text(json.dumps({**config, "init_lora_weights": init}))
+        with pytest.raises(SourceError, match=f"not supported: LoRA initialised with '{init}'") as err:
+            run(tmp_path / "out", [tmp_path / "a"], base=bert_base)
+        assert "\n" not in one_line(err)
+
+
+def test_a_module_that_fits_two_parts_of_the_base_is_ambiguous() -> None:
+    """A text/vision model whose towers have the same shapes: an adapter naming `encoder...` fits both."""
+    from hubmerge.adapters import AdapterConfig, lora_layout
+    from hubmerge.sources import TensorInfo
+
+    f32 = torch.float32
+    adapter = {
+        "base_model.model.encoder.q.lora_A.weight": TensorInfo((2, 4), f32),
+        "base_model.model.encoder.q.lora_B.weight": TensorInfo((4, 2), f32),
+    }
+    base = {f"{tower}.encoder.q.weight": TensorInfo((4, 4), f32) for tower in ("text", "vision")}
+    config = AdapterConfig("LORA", {"r": 2, "lora_alpha": 2})
+    with pytest.raises(SourceError, match=r"ambiguous: its modules fit the base as 'text\.encoder\.q' and"):
+        lora_layout("a", config, adapter, base)
+    assert list(
+        lora_layout("a", config, adapter, {"text.encoder.q.weight": TensorInfo((4, 4), f32)}).modules
+    ) == ["text.encoder.q.weight"]
+
+
+def test_ia3_with_modules_to_save_is_refused_and_validate_takes_ia3(bert_base: Path, tmp_path: Path) -> None:
+    for i in range(2):
+        model = get_peft_model(
+            BertModel.from_pretrained(bert_base), IA3Config(target_modules=["key"], feedforward_modules=[])
+        )
+        model.save_pretrained(tmp_path / f"i{i}")
+    recipe = tmp_path / "ia3.yaml"
+    recipe.write_text(
+        f"version: 1\nbase: {bert_base}\nmodels: [{tmp_path / 'i0'}, {tmp_path / 'i1'}]\nmethod: task_arithmetic\n"
+    )
+    from typer.testing import CliRunner
+
+    from hubmerge.cli import app
+
+    result = CliRunner().invoke(app, ["validate", str(recipe)])
+    assert result.exit_code == 0, result.output
+    torch.manual_seed(0)
+    head = save_base(BertForSequenceClassification(bert_config(num_labels=2)), tmp_path / "cls")
+    model = get_peft_model(
+        BertForSequenceClassification.from_pretrained(head),
+        IA3Config(task_type="SEQ_CLS", target_modules=["key"], feedforward_modules=[]),
+    )
+    model.save_pretrained(tmp_path / "c0")
+    with pytest.raises(SourceError, match=r"not supported: \(IA\)³ adapters that save other tensors") as err:
+        run(tmp_path / "out", [tmp_path / "c0"], base=head)
+    assert "classifier" in one_line(err)
