@@ -24,7 +24,6 @@ from transformers import (
     BertModel,
     GPT2Config,
     GPT2Model,
-    LlamaConfig,
     LlamaForCausalLM,
 )
 
@@ -35,7 +34,7 @@ from hubmerge.run import RunResult
 from tests.hubserver import HubServer
 from tests.reference_impl import reference_outputs
 from tests.test_evaluation_causal_lm import MAX_LENGTH, TEXTS, direct_perplexity, llama_tokenizer, write_jsonl
-from tests.tiny_models import bert_config, perturb_
+from tests.tiny_models import bert_config, llama_config, perturb_
 
 TARGETS = ["query", "value", "dense"]
 INPUT = torch.tensor([[2, 7, 9, 11, 3, 40], [2, 5, 6, 3, 1, 80]])
@@ -815,18 +814,7 @@ def test_llama_loras_merge_and_score_with_the_causal_lm_head(tmp_path: Path) -> 
     """LoRA on every attention and MLP projection of a tiny Llama: one adapter at α = 1 is PEFT's merged
     model bit for bit, and the fine-tuned row of a perplexity evaluation is that model's perplexity."""
     tokenizer = llama_tokenizer()
-    config = LlamaConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=32,
-        intermediate_size=48,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=64,
-        bos_token_id=1,
-        eos_token_id=2,
-        pad_token_id=0,
-    )
+    config = llama_config(vocab_size=len(tokenizer))
     torch.manual_seed(0)
     base = save_base(LlamaForCausalLM(config), tmp_path / "base")
     tokenizer.save_pretrained(base)
@@ -858,17 +846,8 @@ def test_llama_loras_merge_and_score_with_the_causal_lm_head(tmp_path: Path) -> 
 
 
 def tiny_llama(tmp_path: Path) -> Path:
-    config = LlamaConfig(
-        vocab_size=40,
-        hidden_size=32,
-        intermediate_size=48,
-        num_hidden_layers=1,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=32,
-    )
     torch.manual_seed(0)
-    return save_base(LlamaForCausalLM(config), tmp_path / "llama")
+    return save_base(LlamaForCausalLM(llama_config(num_hidden_layers=1)), tmp_path / "llama")
 
 
 def test_lora_on_embed_tokens_keeps_its_update(tmp_path: Path) -> None:

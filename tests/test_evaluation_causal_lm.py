@@ -21,7 +21,6 @@ from tokenizers import Tokenizer, models, pre_tokenizers, processors
 from transformers import (
     AutoModelForCausalLM,
     AutoTokenizer,
-    LlamaConfig,
     LlamaForCausalLM,
     PreTrainedTokenizerFast,
 )
@@ -36,7 +35,7 @@ from hubmerge.recipe import Evaluation, parse_recipe
 from hubmerge.search import run_search
 from tests import golden
 from tests.test_evaluation import FakeEvaluator
-from tests.tiny_models import perturb_
+from tests.tiny_models import llama_config, perturb_
 
 SPECIAL = ["<pad>", "<s>", "</s>", "<unk>"]
 WORDS = ["the", "a", "cat", "dog", "fish", "bird", "eats", "sees", "runs", "red", "green", "blue"]
@@ -82,18 +81,7 @@ def lm(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A tiny random Llama base, two perturbed fine-tunes, and text / multiple-choice data files."""
     root = tmp_path_factory.mktemp("causal_lm")
     tokenizer = llama_tokenizer()
-    config = LlamaConfig(
-        vocab_size=len(SPECIAL) + len(WORDS),
-        hidden_size=32,
-        intermediate_size=48,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=64,
-        bos_token_id=1,
-        eos_token_id=2,
-        pad_token_id=0,
-    )
+    config = llama_config(vocab_size=len(SPECIAL) + len(WORDS))
     torch.manual_seed(0)
     model = LlamaForCausalLM(config).eval()
     for name in ("base", "t0", "t1"):

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
-from transformers import BertConfig, BertTokenizerFast, CLIPConfig
+from transformers import BertConfig, BertTokenizerFast, CLIPConfig, LlamaConfig
 
 SPECIAL_TOKENS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
 
@@ -19,6 +19,23 @@ def bert_config(**overrides) -> BertConfig:
         "intermediate_size": 37,
     }
     return BertConfig(**{**settings, **overrides})
+
+
+def llama_config(**overrides) -> LlamaConfig:
+    """A tiny Llama-style decoder (grouped-query attention, gated MLP); ids 0/1/2 are pad/BOS/EOS."""
+    settings = {
+        "vocab_size": 40,
+        "hidden_size": 32,
+        "intermediate_size": 48,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "max_position_embeddings": 64,
+        "bos_token_id": 1,
+        "eos_token_id": 2,
+        "pad_token_id": 0,
+    }
+    return LlamaConfig(**{**settings, **overrides})
 
 
 def clip_config(text_vocab_size: int = 99) -> CLIPConfig:

@@ -92,6 +92,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--seed", type=int, default=0, help="torch seed before each dare_ties call")
     parser.add_argument("--max-examples", type=int, help="smoke test: score only the first N texts per split")
     parser.add_argument("--report", type=Path, help=f"default: .cache/text_suite/out_lora/{PEER_REPORT}")
+    parser.add_argument(
+        "--update", action="store_true", help="add these types to an existing report (its other types kept)"
+    )
     args = parser.parse_args(argv)
     command = ".venv/bin/python benchmarks/text_suite/peft_peer.py" + "".join(
         f" {a}" for a in (sys.argv[1:] if argv is None else argv)
@@ -228,6 +231,7 @@ def main(argv: list[str] | None = None) -> None:
     hub_record = json.loads(hub_manifest.read_text()) if hub_manifest.is_file() else None
     report = {
         "command": command,
+        "commands": [command],
         "finished": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
         "device": str(device) + (f" ({torch.cuda.get_device_name(0)})" if device.type == "cuda" else ""),
         "peft_version": peft.__version__,
@@ -242,6 +246,13 @@ def main(argv: list[str] | None = None) -> None:
         "same_method_check": same_method_check(types["cat"], hub_record) if "cat" in types else None,
     }
     path = args.report or out_dir / PEER_REPORT
+    if args.update and path.is_file():
+        earlier = json.loads(path.read_text())
+        report["types"] = {**earlier["types"], **types}
+        report["commands"] = [*earlier.get("commands", [earlier["command"]]), command]
+        report["load_seconds"] = earlier["load_seconds"]
+        if "cat" in earlier["types"] and "cat" not in types:
+            report["same_method_check"] = earlier.get("same_method_check")
     path.write_text(json.dumps(report, indent=2) + "\n")
     print(f"wrote {path}")
     if report["same_method_check"]:

@@ -1474,7 +1474,7 @@ def main_lora(args: argparse.Namespace, command: str) -> None:
                     "benchmarks/text_suite/setup.sh && .venv/bin/python benchmarks/text_suite/tasks.py",
                     "# the adapters: benchmarks/text_suite/finetune_lora.py (see its docstring)",
                     *(run["command"] for run in runs if "command" in run),
-                    *([peer["command"]] if peer else []),
+                    *(peer.get("commands", [peer["command"]]) if peer else []),
                     command,
                 ]
             )
