@@ -389,9 +389,14 @@ def _weight_files(root: Path) -> list[Path]:
             "adapter_model.safetensors or adapter_model.bin",
             path=root,
         )
+    # PEFT saves an adapter of another name than "default" in a folder of that name
+    named = sorted(p.parent.name for p in root.glob(f"*/{ADAPTER_CONFIG}"))
+    hint = (
+        f"; PEFT adapters are in its subfolders: {', '.join(str(root / n) for n in named)}" if named else ""
+    )
     raise SourceError(
         f"{root}: no model weights found (looked for {SAFETENSORS_INDEX}, model.safetensors, {BIN_INDEX}, "
-        f"pytorch_model.bin, open_clip_pytorch_model.bin, or a single *.safetensors; found: {found})",
+        f"pytorch_model.bin, open_clip_pytorch_model.bin, or a single *.safetensors; found: {found}){hint}",
         path=root,
     )
 

@@ -977,3 +977,16 @@ def test_ia3_with_modules_to_save_is_refused_and_validate_takes_ia3(bert_base: P
     with pytest.raises(SourceError, match=r"not supported: \(IA\)³ adapters that save other tensors") as err:
         run(tmp_path / "out", [tmp_path / "c0"], base=head)
     assert "classifier" in one_line(err)
+
+
+def test_an_adapter_saved_under_its_name_is_pointed_to(bert_base: Path, tmp_path: Path) -> None:
+    """PEFT saves an adapter named other than "default" in a subfolder of that name."""
+    torch.manual_seed(0)
+    model = get_peft_model(
+        BertModel.from_pretrained(bert_base), LoraConfig(r=2, target_modules=["query"]), "math"
+    )
+    model.save_pretrained(tmp_path / "saved")
+    with pytest.raises(SourceError, match=r"PEFT adapters are in its subfolders: .*saved/math") as err:
+        run(tmp_path / "out", [tmp_path / "saved"], base=bert_base)
+    assert "\n" not in one_line(err)
+    run(tmp_path / "out", [tmp_path / "saved" / "math"], base=bert_base)
