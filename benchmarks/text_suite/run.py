@@ -14,7 +14,10 @@ and `<!-- text_suite_bf16: end -->`: the four TALL rows, float32 and bfloat16 τ
 draws its storage-vs-accuracy plot; `--write-mergekit-docs` replaces only the mergekit-methods subsection (between
 `<!-- text_suite_mergekit: begin -->` and `<!-- text_suite_mergekit: end -->`: DARE, Breadcrumbs, DELLA, Model
 Stock and two compositions, next to the main table's TA and TIES rows read back from the docs) after checking
-that DARE at density 1 merges exactly as Task Arithmetic does.
+that DARE at density 1 merges exactly as Task Arithmetic does. `--inputs lora` runs the main table's methods on
+the LoRA adapters of `finetune_lora.py` (recipes_lora/, out_lora/), plus merged-LoRA rank-16 rows, and
+`--write-lora-docs` replaces the LoRA subsection (`<!-- text_suite_lora: begin -->` … `end -->`), with
+`peft_peer.py`'s report next to it.
 """
 
 from __future__ import annotations
@@ -177,6 +180,21 @@ LORA_RANK_METHODS = (
         alpha_from="task_arithmetic",
     ),
     Method("ties_r16", "TIES → LoRA r = 16", "ties", {"density": 0.2}, lora_rank=16, alpha_from="ties"),
+)
+# Diagnostic rows: TIES trimming each tensor to its own top density (`trim: tensor`, as PEFT's `ties_svd` does)
+# instead of the whole model's (hubmerge's default, the paper's), at the α the TIES row chose.
+LORA_DIAG_METHODS = (
+    Method(
+        "ties_tensor", "TIES, trim per tensor", "ties", {"density": 0.2, "trim": "tensor"}, alpha_from="ties"
+    ),
+    Method(
+        "ties_tensor_r16",
+        "TIES, trim per tensor → LoRA r = 16",
+        "ties",
+        {"density": 0.2, "trim": "tensor"},
+        lora_rank=16,
+        alpha_from="ties",
+    ),
 )
 LORA_BEGIN, LORA_END = "<!-- text_suite_lora: begin -->", "<!-- text_suite_lora: end -->"
 # hubmerge methods whose output is one merged model (no per-task artifact), from hubmerge's registry.
@@ -1120,7 +1138,45 @@ PEER_PAIRS = (
     ("dare_ties", "dare_ties", False),
     ("magnitude_prune", "magnitude_pruning", False),
     ("ties_svd", "ties_r16", False),
+    ("ties_svd", "ties_tensor_r16", True),  # per-tensor TIES on ΔW, then rank 16: PEFT's ties_svd
 )
+
+
+# A likely reason for a missed hubmerge ≥ PEFT pair, by (PEFT type, hubmerge row).
+MISS_REASONS = {
+    ("ties_svd", "ties_r16"): (
+        "PEFT trims each module's ΔW_t to its own top 20 %, hubmerge's default (`trim: global`, the paper's) "
+        "keeps the top 20 % of all the model's entries, of which the tensors LoRA leaves alone are exactly zero, "
+        "so it keeps a larger share of each module's ΔW_t (see the notes); with `trim: tensor` hubmerge gives "
+        "`ties_svd`'s model (the next pair)"
+    ),
+}
+
+
+def global_trim_shares(adapters: list[Path], counted: int, density: float) -> tuple[float, float, float]:
+    """What TIES's `trim: global` keeps of LoRA tasks: the top ``density`` of all ``counted`` entries of τ_t,
+    where only the LoRA modules' ΔW = scaling·B@A are non-zero. Returns (kept share of the LoRA entries, the
+    smallest and the largest share kept of one module), over ``adapters`` (PEFT folders)."""
+    import torch
+    from safetensors.torch import load_file
+
+    low, high, share = 1.0, 0.0, 0.0
+    for folder in adapters:
+        config = json.loads((folder / "adapter_config.json").read_text())
+        scaling = config["lora_alpha"] / config["r"]
+        weights = load_file(str(folder / "adapter_model.safetensors"))
+        deltas = [
+            (scaling * weights[k.replace("lora_A", "lora_B")].float() @ weights[k].float()).abs().flatten()
+            for k in sorted(weights)
+            if k.endswith("lora_A.weight")
+        ]
+        entries = torch.cat(deltas)
+        keep = min(int(density * counted), entries.numel())
+        threshold = entries.topk(keep).values.min()
+        shares = [float((d >= threshold).float().mean()) for d in deltas]
+        low, high = min(low, *shares), max(high, *shares)
+        share = keep / entries.numel()
+    return share, low, high
 
 
 def fixed_alpha(method: Method, source: Mapping[str, Any] | None) -> Method | None:
@@ -1170,7 +1226,7 @@ def lora_targets(
     if peer is None or not pairs:
         checks.append("(a) every hubmerge method ≥ its PEFT counterpart: not run (no peft_peer.py report)")
     else:
-        parts, ok = [], True
+        parts, ok, missed = [], True, []
         for pair in pairs:
             hub, other = pair["hub_normalized"], pair["peft_normalized"]
             if hub is None or other is None:
@@ -1188,7 +1244,11 @@ def lora_targets(
                     f"{pair['hub_label']} {percent(hub)} vs `{pair['type']}` {percent(other)} % normalized"
                 )
             ok = ok and good
-        verdict = "met" if ok else "**missed**"
+            if not good:
+                missed.append(f"{pair['hub_label']} vs `{pair['type']}`")
+                reason = MISS_REASONS.get((pair["type"], pair["key"]), "")
+                parts[-1] += " **(missed" + (f": likely because {reason})**" if reason else ")**")
+        verdict = "met" if ok else f"**missed** ({len(missed)} of {len(parts)} pairs: {', '.join(missed)})"
         checks.append(f"(a) every hubmerge method ≥ its PEFT counterpart: {'; '.join(parts)} → {verdict}")
     for label in ("TALL masks + TA", "TALL masks + TIES"):
         row = rows.get(label)
@@ -1221,13 +1281,15 @@ def peer_pairs(
     """The side-by-side rows: each PEFT combination type of ``peer`` with its hubmerge counterpart."""
     if peer is None:
         return []
-    methods = {m.key: m for m in (*METHODS, *LORA_RANK_METHODS)}
+    methods = {m.key: m for m in (*METHODS, *LORA_RANK_METHODS, *LORA_DIAG_METHODS)}
     pairs = []
     for kind, key, same in PEER_PAIRS:
         result = peer.get("types", {}).get(kind)
         if result is None:
             continue
         record = records.get(key)
+        if record is None and key in {m.key for m in LORA_DIAG_METHODS}:
+            continue  # a diagnostic row not run
         row = record["evaluation"]["rows"][methods[key].method] if record else None
         pairs.append(
             {
@@ -1256,8 +1318,8 @@ def render_lora_section(
 ) -> str:
     """The "Text suite with LoRA adapters" subsection: the main table on LoRA inputs, the rank-16 merged-LoRA
     rows, hubmerge against PEFT's ``add_weighted_adapter`` (``peer``: peft_peer.py's report) and the targets."""
-    methods = {m.key: m for m in (*METHODS, *LORA_RANK_METHODS)}
-    keys = (*LORA_ROWS, *LORA_EXTRA_ROWS, *(m.key for m in LORA_RANK_METHODS))
+    methods = {m.key: m for m in (*METHODS, *LORA_RANK_METHODS, *LORA_DIAG_METHODS)}
+    keys = (*LORA_ROWS, *LORA_EXTRA_ROWS, *(m.key for m in (*LORA_RANK_METHODS, *LORA_DIAG_METHODS)))
     done = [methods[k] for k in keys if k in records]
     missing = [methods[k] for k in (*LORA_ROWS, *(m.key for m in LORA_RANK_METHODS)) if k not in records]
     lines = ["### Text suite with LoRA adapters", ""]
@@ -1280,7 +1342,11 @@ def render_lora_section(
         "value, attention-output, intermediate and output dense layers of every layer; see its docstring) as "
         "recipe models: a task reads as θ_t = θ0 + scaling·B@A, so every method, the search and the "
         "evaluation run unchanged. Same head, data and evaluation as the table above; values chosen on the "
-        f"validation splits, reported on test. {context['grids']} The *→ LoRA r = 16* rows write the merged "
+        "validation splits, reported on test. DARE-TIES (density 0.5, mergekit's) is an extra row, the "
+        "counterpart of PEFT's `dare_ties` below; the two *TIES, trim per tensor* rows are diagnostics (TIES with "
+        "`trim: tensor`, at the α the TIES row chose, no search), added after the comparison with PEFT's "
+        "`ties_svd`. "
+        f"{context['grids']} The *→ LoRA r = 16* rows write the merged "
         "update α·τ_MTL as one LoRA adapter of rank 16 (`output_format: peft`, `lora_rank: 16`: truncated SVD per "
         "module) at the α their full-merge row chose (no search of their own), and score θ0 + B@A.",
         "",
@@ -1307,8 +1373,13 @@ def render_lora_section(
     for method in done:
         record, timing = records[method.key], timings.get(method.key)
         rank = f"; LoRA rank {method.lora_rank}" if method.lora_rank else ""
+        # the merged-LoRA rows' α is fixed in the recipe (from their full-merge row), so it is a parameter
+        shown = (
+            replace(method, parameters=dict(record.get("parameters", {}))) if method.alpha_from else method
+        )
+        fixed = f" (from {methods[method.alpha_from].label})" if method.alpha_from else ""
         lines.append(
-            f"| {method.label} | {searched_grid(record)} | {chosen_setting(record, method)}{rank} | "
+            f"| {method.label} | {searched_grid(record)} | {chosen_setting(record, shown)}{fixed}{rank} | "
             f"{record.get('seconds', float('nan')):.1f} | {timing['seconds'] if timing else '—'} |"
         )
     pairs = peer_pairs(records, peer)
@@ -1340,9 +1411,11 @@ def render_lora_section(
             "keeps the top-density entries of each factor and sums them weighted. ΔW = B′@A′ of the combined "
             "factors, not TIES/DARE/pruning of ΔW_t: different methods from hubmerge's weight-space ones;",
             "- `ties_svd`: TIES on the full ΔW_t = s_t·B_t@A_t (weights α), then a rank-16 truncated SVD: the "
-            "counterpart of hubmerge TIES → LoRA r = 16.",
+            "counterpart of hubmerge TIES → LoRA r = 16, and the same method as hubmerge TIES with `trim: tensor` "
+            "(each tensor trimmed to its own top density; hubmerge's default trims over the whole model) → "
+            "LoRA r = 16, SVD per module.",
             "",
-            "| method | hubmerge | accuracy % | normalized % | merge s | PEFT `combination_type` | α | density "
+            "| pair | hubmerge | accuracy % | normalized % | merge s | PEFT `combination_type` | α | density "
             "| accuracy % | normalized % | merge s |",
             "|---|---|---|---|---|---|---|---|---|---|---|",
         ]
@@ -1381,7 +1454,7 @@ def render_lora_section(
     lines += ["", "Targets (test splits, values chosen on validation):", ""]
     lines += [f"- {check}" for check in lora_targets(rows, peer, pairs)]
     if context.get("notes"):
-        lines += ["", *context["notes"]]
+        lines += ["", "Notes:", "", *(f"- {note}" for note in context["notes"])]
     return "\n".join(lines) + "\n"
 
 
@@ -1404,11 +1477,11 @@ def main_lora(args: argparse.Namespace, command: str) -> None:
     out_dir.mkdir(parents=True, exist_ok=True)
     methods = {m.key: m for m in METHODS}
     keys = (*LORA_ROWS, *LORA_EXTRA_ROWS)
-    selected = set(args.methods or [*keys, *(m.key for m in LORA_RANK_METHODS)])
+    selected = set(args.methods or [*keys, *(m.key for m in (*LORA_RANK_METHODS, *LORA_DIAG_METHODS))])
     records: dict[str, dict[str, Any]] = {}
     timings: dict[str, dict[str, Any]] = {}
     plan: list[Method | None] = [methods[k] for k in keys]
-    for pending in (*plan, *LORA_RANK_METHODS):
+    for pending in (*plan, *LORA_RANK_METHODS, *LORA_DIAG_METHODS):
         method = pending
         if method.alpha_from:
             method = fixed_alpha(method, records.get(method.alpha_from))
@@ -1487,8 +1560,21 @@ def main_lora(args: argparse.Namespace, command: str) -> None:
         + ", ".join(f"{lam:g}" for lam in grids.lambdas)
         + "} (the paper's: α ∈ {0.1, …, 1.0}, k ∈ {1, 2, 3}, λ ∈ {0.2, …, 0.6}); each row lists what it "
         "searched.",
-        "notes": args.note or [],
+        "notes": list(args.note or []),
     }
+    if "ties" in records and "ties_tensor" in records:
+        counted = records["ties"]["parameters_counted"]
+        density = records["ties"]["parameters"]["density"]
+        share, low, high = global_trim_shares([t.finetuned for t in tasks], counted, density)
+        a = records["ties"]["evaluation"]["rows"]["ties"]["mean_normalized"]
+        b = records["ties_tensor"]["evaluation"]["rows"]["ties"]["mean_normalized"]
+        context["notes"].append(
+            f"TIES trimming on LoRA inputs: with `trim: global` (the default) density {density:g} counts all "
+            f"{counted:,} entries of τ_t, but only the LoRA modules' ΔW are non-zero, so TIES keeps "
+            f"{percent(share)} % of the LoRA entries ({percent(low)} – {percent(high)} % of one module, over the "
+            f"8 adapters); `trim: tensor` keeps {density:g} of each module, as PEFT's `ties_svd`. Normalized "
+            f"accuracy at the same α: {percent(a)} % (global) vs. {percent(b)} % (per tensor)."
+        )
     section = render_lora_section(records, timings, peer, context)
     print(section)
     if args.write_lora_docs:
@@ -1499,7 +1585,10 @@ def main_lora(args: argparse.Namespace, command: str) -> None:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument(
-        "--methods", nargs="*", choices=[m.key for m in (*METHODS, *LORA_RANK_METHODS)], help="default: all"
+        "--methods",
+        nargs="*",
+        choices=[m.key for m in (*METHODS, *LORA_RANK_METHODS, *LORA_DIAG_METHODS)],
+        help="default: all",
     )
     parser.add_argument("--scaling", nargs="+", type=float, default=PAPER_SCALING, help="α grid")
     parser.add_argument("--k", nargs="+", type=int, default=PAPER_K, help="Consensus k grid")
@@ -1537,7 +1626,14 @@ def main(argv: list[str] | None = None) -> None:
         f" {a}" for a in (sys.argv[1:] if argv is None else argv)
     )
     if args.inputs == "lora":
-        main_lora(args, command)
+        # the docs show the command without the notes' text (they follow the targets)
+        shown = [
+            a for a in (sys.argv[1:] if argv is None else argv) if a not in (*(args.note or []), "--note")
+        ]
+        notes = f" --note … (×{len(args.note)}: the notes below the targets)" if args.note else ""
+        main_lora(
+            args, ".venv/bin/python benchmarks/text_suite/run.py" + "".join(f" {a}" for a in shown) + notes
+        )
         return
 
     os.chdir(ROOT)  # recipe paths are relative to the repository root
