@@ -1104,6 +1104,58 @@ def run_method(recipe_path: Path, device: str = "cpu") -> dict[str, Any]:
     return result.record
 
 
+def run_or_reuse(
+    method: Method,
+    text: str,
+    recipe_path: Path,
+    out_dir: Path,
+    *,
+    run: bool,
+    reuse_any: bool,
+    header: str,
+    threads: int,
+    command: str,
+    device: str = "cpu",
+) -> tuple[dict[str, Any], dict[str, Any]] | None:
+    """(record, timing) of `method`'s output for the recipe `text`: the cached one when it was made from
+    this very recipe (any existing one with `reuse_any`: --no-run reads the grids from the output itself),
+    else a new run when `run`; None when there is neither."""
+    output = out_dir / method.key
+    manifest = output / "hubmerge.json"
+    digest = hashlib.sha256(text.encode()).hexdigest()
+    # One file per method, so that runs in parallel processes do not overwrite each other's timings.
+    run_path = out_dir / f"{method.key}.run.json"
+    timing = json.loads(run_path.read_text()) if run_path.exists() else {}
+    current = manifest.exists() and (reuse_any or timing.get("recipe_sha256") == digest)
+    if not current and run:
+        recipe_path.write_text(f"{header}\n{text}")
+        load = os.getloadavg()[0]
+        print(f"{method.key}: running (load {load:.1f})", flush=True)
+        started = time.perf_counter()
+        run_method(recipe_path, device)
+        timing = {
+            "recipe_sha256": digest,
+            "seconds": round(time.perf_counter() - started, 1),
+            "threads": threads,
+            "device": device,
+            "load_at_start": round(load, 2),
+            "finished": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+            "command": command,
+        }
+        run_path.write_text(json.dumps(timing, indent=2) + "\n")
+        current = True
+    if not current:
+        return None
+    record = json.loads(manifest.read_text())
+    row = record["evaluation"]["rows"][method.method]
+    print(
+        f"{method.key}: test mean {percent(row['mean_accuracy'])} %, normalized "
+        f"{percent(row['mean_normalized'])} % (run {timing.get('seconds')} s, merge {record.get('seconds')} s)",
+        flush=True,
+    )
+    return record, timing
+
+
 def subsection_context(
     rows: tuple[str, ...], records: dict, timings: dict, context: dict, command: str
 ) -> dict[str, Any]:
@@ -1494,39 +1546,22 @@ def main_lora(args: argparse.Namespace, command: str) -> None:
         if method.alpha_from:
             recipe.pop("search", None)
         text = yaml.safe_dump(recipe, sort_keys=False)
-        digest = hashlib.sha256(text.encode()).hexdigest()
-        manifest = output / "hubmerge.json"
-        run_path = out_dir / f"{method.key}.run.json"
-        run = json.loads(run_path.read_text()) if run_path.exists() else {}
-        current = manifest.exists() and (args.no_run or run.get("recipe_sha256") == digest)
-        if not current and method.key in selected and not args.no_run:
-            recipe_path.write_text(f"# written by benchmarks/text_suite/run.py --inputs lora\n{text}")
-            load = os.getloadavg()[0]
-            print(f"{method.key}: running (load {load:.1f})", flush=True)
-            started = time.perf_counter()
-            run_method(recipe_path, args.device)
-            run = {
-                "recipe_sha256": digest,
-                "seconds": round(time.perf_counter() - started, 1),
-                "threads": args.threads,
-                "device": args.device,
-                "load_at_start": round(load, 2),
-                "finished": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-                "command": command,
-            }
-            run_path.write_text(json.dumps(run, indent=2) + "\n")
-            current = True
-        if current:
-            records[method.key] = json.loads(manifest.read_text())
-            if run:
-                timings[method.key] = run
-            row = records[method.key]["evaluation"]["rows"][method.method]
-            print(
-                f"{method.key}: test mean {percent(row['mean_accuracy'])} %, normalized "
-                f"{percent(row['mean_normalized'])} % (run {run.get('seconds')} s, merge "
-                f"{records[method.key].get('seconds')} s)",
-                flush=True,
-            )
+        cached = run_or_reuse(
+            method,
+            text,
+            recipe_path,
+            out_dir,
+            run=method.key in selected and not args.no_run,
+            reuse_any=args.no_run,
+            header="# written by benchmarks/text_suite/run.py --inputs lora",
+            threads=args.threads,
+            command=command,
+            device=args.device,
+        )
+        if cached is not None:
+            records[method.key], timing = cached
+            if timing:
+                timings[method.key] = timing
     peer_path = out_dir / PEER_REPORT
     peer = json.loads(peer_path.read_text()) if peer_path.is_file() else None
     runs = [timings[k] for k in timings]
@@ -1650,39 +1685,21 @@ def main(argv: list[str] | None = None) -> None:
         output = out_dir / method.key
         recipe_path = recipes_dir / f"{method.key}.yaml"
         text = yaml.safe_dump(recipe_for(method, tasks, CACHE / "base", output, grids, ROOT), sort_keys=False)
-        digest = hashlib.sha256(text.encode()).hexdigest()
-        manifest = output / "hubmerge.json"
-        # One file per method, so that runs in parallel processes do not overwrite each other's timings.
-        run_path = out_dir / f"{method.key}.run.json"
-        run = json.loads(run_path.read_text()) if run_path.exists() else {}
-        # --no-run reports any existing output: the grids shown are read from the output itself.
-        current = manifest.exists() and (args.no_run or run.get("recipe_sha256") == digest)
-        if not current and method.key in selected and not args.no_run:
-            recipe_path.write_text(f"# written by benchmarks/text_suite/run.py\n{text}")
-            load = os.getloadavg()[0]
-            print(f"{method.key}: running (load {load:.1f})", flush=True)
-            started = time.perf_counter()
-            run_method(recipe_path)
-            run = {
-                "recipe_sha256": digest,
-                "seconds": round(time.perf_counter() - started, 1),
-                "threads": args.threads,
-                "load_at_start": round(load, 2),
-                "finished": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-                "command": command,
-            }
-            run_path.write_text(json.dumps(run, indent=2) + "\n")
-            current = True
-        if current:
-            records[method.key] = json.loads(manifest.read_text())
-            if run:
-                timings[method.key] = run
-            row = records[method.key]["evaluation"]["rows"][method.method]
-            print(
-                f"{method.key}: test mean {percent(row['mean_accuracy'])} %, normalized "
-                f"{percent(row['mean_normalized'])} % ({run.get('seconds')} s)",
-                flush=True,
-            )
+        cached = run_or_reuse(
+            method,
+            text,
+            recipe_path,
+            out_dir,
+            run=method.key in selected and not args.no_run,
+            reuse_any=args.no_run,
+            header="# written by benchmarks/text_suite/run.py",
+            threads=args.threads,
+            command=command,
+        )
+        if cached is not None:
+            records[method.key], timing = cached
+            if timing:
+                timings[method.key] = timing
 
     finetune_report = json.loads((CACHE / "finetune_report.json").read_text())
     context = {
