@@ -3,7 +3,6 @@ adapters, no merges."""
 
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
 
@@ -11,23 +10,14 @@ import pytest
 
 from benchmarks.text_suite import peft_peer, run
 from hubmerge.recipe import parse_recipe
+from tests.test_text_suite_runner import suite_cache
 
-TASKS = {"alpha": ["one", "two"], "beta": ["red", "green", "blue"]}
 FINETUNED = {"alpha": 0.8, "beta": 1.0}
 
 
 @pytest.fixture
 def cache(tmp_path: Path) -> Path:
-    """A `.cache/text_suite` look-alike: data metas and the LoRA fine-tune report, nothing else."""
-    report = {"tasks": {}}
-    for i, (name, label_texts) in enumerate(TASKS.items()):
-        (tmp_path / "data" / name).mkdir(parents=True)
-        meta = {"task": name, "labels": label_texts, "label_texts": label_texts}
-        (tmp_path / "data" / name / "meta.json").write_text(json.dumps(meta))
-        report["tasks"][name] = {"max_length": 8 + i}
-    (tmp_path / "lora").mkdir()
-    (tmp_path / "lora" / "finetune_lora_report.json").write_text(json.dumps(report))
-    return tmp_path
+    return suite_cache(tmp_path, "lora/finetune_lora_report.json")
 
 
 def row(scores: dict[str, float]) -> dict:

@@ -17,17 +17,22 @@ from hubmerge.recipe import parse_recipe
 TASKS = {"alpha": ["one", "two"], "beta": ["red", "green", "blue"]}
 
 
+def suite_cache(root: Path, report: str = "finetune_report.json") -> Path:
+    """A `.cache/text_suite` look-alike: data metas and a fine-tune report (at `report`), nothing else."""
+    tasks = {}
+    for i, (name, label_texts) in enumerate(TASKS.items()):
+        (root / "data" / name).mkdir(parents=True)
+        meta = {"task": name, "labels": label_texts, "label_texts": label_texts}
+        (root / "data" / name / "meta.json").write_text(json.dumps(meta))
+        tasks[name] = {"max_length": 8 + i}
+    (root / report).parent.mkdir(parents=True, exist_ok=True)
+    (root / report).write_text(json.dumps({"tasks": tasks}))
+    return root
+
+
 @pytest.fixture
 def cache(tmp_path: Path) -> Path:
-    """A `.cache/text_suite` look-alike: data metas and a fine-tune report, nothing else."""
-    report = {"tasks": {}}
-    for i, (name, label_texts) in enumerate(TASKS.items()):
-        (tmp_path / "data" / name).mkdir(parents=True)
-        meta = {"task": name, "labels": label_texts, "label_texts": label_texts}
-        (tmp_path / "data" / name / "meta.json").write_text(json.dumps(meta))
-        report["tasks"][name] = {"max_length": 8 + i}
-    (tmp_path / "finetune_report.json").write_text(json.dumps(report))
-    return tmp_path
+    return suite_cache(tmp_path)
 
 
 @pytest.mark.parametrize("method", run.METHODS, ids=lambda m: m.key)

@@ -385,6 +385,24 @@ def targets(rows: Mapping[str, Mapping[str, Any]]) -> list[str]:
     return checks
 
 
+def accuracy_table(tasks: list[str], rows: Mapping[str, Mapping[str, Any]], reference: str) -> list[str]:
+    """The lines of the per-task test-accuracy table (normalized by `reference`, named in its caption)."""
+    lines = [
+        f"Test accuracy (%), each task with its own head; normalized = accuracy / {reference}, averaged over "
+        "tasks:",
+        "",
+        "| method | " + " | ".join(tasks) + " | mean | normalized |",
+        "|---|" + "---|" * (len(tasks) + 2),
+    ]
+    for label, row in rows.items():
+        cells = [percent(row["accuracy"][t]) for t in tasks]
+        lines.append(
+            f"| {label} | {' | '.join(cells)} | {percent(row['mean_accuracy'])} | "
+            f"{percent(row['mean_normalized'])} |"
+        )
+    return lines
+
+
 def render_section(
     records: Mapping[str, Mapping[str, Any]],
     finetune_report: Mapping[str, Any],
@@ -442,18 +460,8 @@ def render_section(
         "normalized accuracy; TALL: each task's λ on its own validation accuracy), reported on the test "
         f"splits. {context['grids']}",
         "",
-        "Test accuracy (%), each task with its own head; normalized = accuracy / fine-tuned accuracy, "
-        "averaged over tasks:",
-        "",
-        "| method | " + " | ".join(tasks) + " | mean | normalized |",
-        "|---|" + "---|" * (len(tasks) + 2),
+        *accuracy_table(tasks, rows, "fine-tuned accuracy"),
     ]
-    for label, row in rows.items():
-        cells = [percent(row["accuracy"][t]) for t in tasks]
-        lines.append(
-            f"| {label} | {' | '.join(cells)} | {percent(row['mean_accuracy'])} | "
-            f"{percent(row['mean_normalized'])} |"
-        )
     for method in missing:
         lines.append(f"| {method.label} | " + " | ".join("—" for _ in tasks) + " | — | — |")
 
@@ -1402,18 +1410,8 @@ def render_lora_section(
         "update α·τ_MTL as one LoRA adapter of rank 16 (`output_format: peft`, `lora_rank: 16`: truncated SVD per "
         "module) at the α their full-merge row chose (no search of their own), and score θ0 + B@A.",
         "",
-        "Test accuracy (%), each task with its own head; normalized = accuracy / the adapter's accuracy, "
-        "averaged over tasks:",
-        "",
-        "| method | " + " | ".join(tasks) + " | mean | normalized |",
-        "|---|" + "---|" * (len(tasks) + 2),
+        *accuracy_table(tasks, rows, "the adapter's accuracy"),
     ]
-    for label, row in rows.items():
-        cells = [percent(row["accuracy"][t]) for t in tasks]
-        lines.append(
-            f"| {label} | {' | '.join(cells)} | {percent(row['mean_accuracy'])} | "
-            f"{percent(row['mean_normalized'])} |"
-        )
     lines += [
         "",
         "Chosen values and wall time (*merge s*: the record's `seconds`, the merge itself; *run s*: the whole "
