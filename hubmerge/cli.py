@@ -173,7 +173,9 @@ def run(
 ) -> None:
     """Run a merge recipe: a merged model directory, or a compressed artifact (TALL / magnitude masks).
 
-    The output appears only when complete (written to a hidden sibling directory, then renamed). Hub
+    Models are full fine-tunes or PEFT adapters (LoRA: read as θ0 + B @ A; (IA)³: merged as vectors); with
+    `output_format: peft` a merge of LoRA adapters is written as one LoRA adapter of rank `lora_rank`. The
+    output appears only when complete (written to a hidden sibling directory, then renamed). Hub
     sources are pinned to the commit they resolve to; with a `push:` block the output is then uploaded.
     On the CPU the arithmetic runs in fused C kernels, compiled with the system C compiler on first use
     (same results; HUBMERGE_FUSED=0 uses torch operations instead).
