@@ -23,6 +23,7 @@ from benchmarks.text_suite.finetune import (  # noqa: E402
     LABEL_MAX_LENGTH,
     LOGIT_SCALE,
     Settings,
+    cached_results,
     configure_torch,
     export_base,
     load_encoder,
@@ -30,6 +31,7 @@ from benchmarks.text_suite.finetune import (  # noqa: E402
     pick_max_length,
     summary,
     train_and_measure,
+    write_stamp,
 )
 
 CACHE = ROOT / ".cache" / "demo"
@@ -81,18 +83,16 @@ def main() -> None:
             "data_sha256": meta["sha256"],
         }
         stamp_path = STAMP_DIR / f"{name}.json"
-        stamp = json.loads(stamp_path.read_text()) if stamp_path.exists() else {}
         weights = FINETUNED_DIR / name / "model.safetensors"
-        if stamp.get("key") == key and weights.exists():
+        results = cached_results(stamp_path, key, weights)
+        if results is not None:
             print(f"{name}: cached ({rel(weights.parent)})", flush=True)
-            results = stamp["results"]
         else:
             print(f"{name}: fine-tuning", flush=True)
-            stamp_path.unlink(missing_ok=True)  # an interrupted run must not leave a valid stamp behind
             if base is None:
                 base, tokenizer = load_encoder(BASE_DIR)
             results = run_task(DATA_DIR / name, base, tokenizer)
-            stamp_path.write_text(json.dumps({"key": key, "results": results}, indent=2) + "\n")
+            write_stamp(stamp_path, key, results)
         report["tasks"][name] = results
         print(summary(results), flush=True)
 

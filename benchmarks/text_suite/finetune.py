@@ -279,6 +279,21 @@ def train_and_measure(
     return results
 
 
+def cached_results(stamp_path: Path, key: dict, output: Path) -> dict | None:
+    """A task's results from its stamp, when the stamp was made with `key` and `output` exists; otherwise None,
+    and the stamp is removed first, so that an interrupted run leaves no valid stamp behind."""
+    stamp = json.loads(stamp_path.read_text()) if stamp_path.exists() else {}
+    if stamp.get("key") == key and output.exists():
+        return stamp["results"]
+    stamp_path.unlink(missing_ok=True)
+    return None
+
+
+def write_stamp(stamp_path: Path, key: dict, results: dict) -> None:
+    """Mark a task done: what `cached_results` reads back for the same `key`."""
+    stamp_path.write_text(json.dumps({"key": key, "results": results}, indent=2) + "\n")
+
+
 def summary(results: dict) -> str:
     """One line of a fine-tune's measurements, as the suite and the demo print them."""
     return (
@@ -334,14 +349,12 @@ def main(argv: list[str] | None = None) -> None:
             "data_sha256": meta["sha256"],
         }
         stamp_path = stamp_dir / f"{name}.json"
-        stamp = json.loads(stamp_path.read_text()) if stamp_path.exists() else {}
         out_dir = args.cache / "finetuned" / name
-        if stamp.get("key") == key and (out_dir / "model.safetensors").exists():
+        results = cached_results(stamp_path, key, out_dir / "model.safetensors")
+        if results is not None:
             print(f"{name}: cached ({out_dir})", flush=True)
-            results = stamp["results"]
         else:
             print(f"{name}: fine-tuning", flush=True)
-            stamp_path.unlink(missing_ok=True)  # an interrupted run must not leave a valid stamp behind
             if base is None:
                 base, tokenizer = load_encoder(base_dir)
             task = load_task(args.data / name)
@@ -350,7 +363,7 @@ def main(argv: list[str] | None = None) -> None:
             results = train_and_measure(
                 task, train, base, tokenizer, base_dir, out_dir, max_length, SUITE_SETTINGS
             )
-            stamp_path.write_text(json.dumps({"key": key, "results": results}, indent=2) + "\n")
+            write_stamp(stamp_path, key, results)
         report["tasks"][name] = results
         print(summary(results), flush=True)
         # Written after every task, so a partial run already leaves a usable report.

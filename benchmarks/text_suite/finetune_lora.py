@@ -51,6 +51,7 @@ from benchmarks.text_suite.finetune import (  # noqa: E402
     Split,
     Task,
     accuracy,
+    cached_results,
     configure_torch,
     finetune,
     label_embeddings,
@@ -59,6 +60,7 @@ from benchmarks.text_suite.finetune import (  # noqa: E402
     pick_max_length,
     sha256_file,
     task_vector_stats,
+    write_stamp,
 )
 
 # vader_sentiment val accuracy (3 epochs, CPU): 3e-4 60.5%, 1e-3 65.7%, 3e-3 65.9% (‖ΔW‖₂ 2.5, 5.9, 19.2;
@@ -205,14 +207,12 @@ def main(argv: list[str] | None = None) -> None:
             "data_sha256": meta["sha256"],
         }
         stamp_path = stamp_dir / f"{name}.json"
-        stamp = json.loads(stamp_path.read_text()) if stamp_path.exists() else {}
         out_dir = lora_dir / name
-        if stamp.get("key") == key and (out_dir / "adapter_model.safetensors").exists():
+        results = cached_results(stamp_path, key, out_dir / "adapter_model.safetensors")
+        if results is not None:
             print(f"{name}: cached ({out_dir})", flush=True)
-            results = stamp["results"]
         else:
             print(f"{name}: training LoRA adapter", flush=True)
-            stamp_path.unlink(missing_ok=True)  # an interrupted run must not leave a valid stamp behind
             if base is None:
                 base, tokenizer = load_encoder(base_dir)
             task = load_task(data_dir / name)
@@ -226,7 +226,7 @@ def main(argv: list[str] | None = None) -> None:
             results = train_adapter(
                 task, train, base, tokenizer, out_dir, max_length, settings, device, base_ref
             )
-            stamp_path.write_text(json.dumps({"key": key, "results": results}, indent=2) + "\n")
+            write_stamp(stamp_path, key, results)
         report["tasks"][name] = results
         print(summary(results), flush=True)
         report_path.write_text(json.dumps(report, indent=2) + "\n")  # after every task: usable if interrupted
